@@ -1,0 +1,36 @@
+"""ROS-free image helpers shared by camera ingest, the sim renderer, the policy and export (OpenCV, numpy)."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def fit(rgb: np.ndarray, width: int, height: int, mode: str = "letterbox") -> np.ndarray:
+    """Resize to width x height. 'letterbox' keeps the aspect ratio and pads with black; 'resize' stretches."""
+    h, w = rgb.shape[:2]
+    if (w, h) == (width, height):
+        return rgb
+    if mode == "resize":
+        return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
+    if mode != "letterbox":
+        raise ValueError(f"unknown resize mode '{mode}' (letterbox, resize)")
+    scale = min(width / w, height / h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    out = np.zeros((height, width, 3), dtype=np.uint8)
+    x0, y0 = (width - nw) // 2, (height - nh) // 2
+    out[y0:y0 + nh, x0:x0 + nw] = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError("not a decodable JPEG")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)

@@ -1,0 +1,1 @@
+"""RECAP: rewards, returns, the distributional value function, advantages and advantage-conditioned training."""

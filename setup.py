@@ -1,0 +1,79 @@
+"""ament_python package recap_ros. `colcon build` on a ROS 2 machine, or `pip install -e .[standalone]`
+on a machine without ROS (the `standalone` extra brings the ROS 2 Kilted wheels from PyPI)."""
+from glob import glob
+import os
+
+from setuptools import find_packages, setup
+
+PACKAGE = "recap_ros"
+
+NODES = ["sim_robot", "scripted_corrector", "camera_ingest", "policy_server", "cfg_guidance", "teleop_mux",
+         "episode_recorder"]
+CLIS = {
+    "recap-station": "recap_ros.runner:main",
+    "recap-build-engine": "recap_ros.policy.cli:build_engine_main",
+    "recap-bag-repair": "recap_ros.recording.repair:main",
+    "recap-export": "recap_ros.export.cli:main",
+    "recap-train-value": "recap_ros.recap.cli:train_value_main",
+    "recap-label": "recap_ros.recap.cli:label_main",
+    "recap-train-policy": "recap_ros.recap.cli:train_policy_main",
+    "recap-sim-demos": "recap_ros.sim.cli:demos_main",
+}
+
+
+def tree(src):
+    """data_files entries that install every file below src under share/recap_ros/src."""
+    out = {}
+    for path in glob(os.path.join(src, "**", "*"), recursive=True):
+        if os.path.isfile(path) and "__pycache__" not in path and "engine_cache" not in path:
+            out.setdefault(os.path.join("share", PACKAGE, os.path.dirname(path)), []).append(path)
+    return sorted(out.items())
+
+
+ROS_WHEELS = ["ros-rclpy", "ros-rmw-fastrtps-cpp", "ros-std-msgs", "ros-sensor-msgs", "ros-trajectory-msgs",
+              "ros-std-srvs", "ros-diagnostic-msgs", "ros-geometry-msgs", "ros-builtin-interfaces",
+              "ros-wheels-bootstrapper"]
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=find_packages(exclude=["test", "test.*", "bench"]),
+    data_files=[
+        ("share/ament_index/resource_index/packages", ["resource/" + PACKAGE]),
+        ("share/" + PACKAGE, ["package.xml"]),
+        ("share/" + PACKAGE + "/launch", glob("launch/*.launch.py")),
+        *tree("config"),
+        *tree("models"),
+    ],
+    python_requires=">=3.10",
+    install_requires=[
+        "setuptools",
+        "numpy>=1.26",
+        "pyyaml>=6",
+        "opencv-python-headless>=4.9",
+        "rosbags>=0.10",
+        "torch==2.13.0",
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "pyarrow>=15",
+    ],
+    extras_require={
+        # A machine without a ROS 2 install: the Kilted wheels from PyPI. A ROS machine keeps its own rclpy.
+        "standalone": ROS_WHEELS,
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "gpu": ["tensorrt>=10"],
+    },
+    zip_safe=False,
+    maintainer="recap_ros developers",
+    maintainer_email="recap-ros@example.com",
+    description="ROS 2 stack for a pi0.6*-style VLA trained with RECAP",
+    license="Apache-2.0",
+    tests_require=["pytest"],
+    entry_points={
+        "console_scripts": [f"{n} = recap_ros.nodes.{n}:main" for n in NODES]
+        + [f"{k} = {v}" for k, v in CLIS.items()],
+    },
+)

@@ -1,0 +1,43 @@
+"""Test isolation: every test session gets its own ROS domain and localhost-only discovery, so parallel
+sessions (and a station running on the same machine) never see each other's traffic."""
+import os
+import threading
+
+import pytest
+
+os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+if "ROS_DOMAIN_ID" not in os.environ:
+    os.environ["ROS_DOMAIN_ID"] = str(1 + os.getpid() % 100)
+
+
+@pytest.fixture(scope="session")
+def rclpy_context():
+    """rclpy initialised once for the session (skips where no rclpy is importable)."""
+    rclpy = pytest.importorskip("rclpy")
+    rclpy.init()
+    yield rclpy
+    rclpy.shutdown()
+
+
+@pytest.fixture
+def spin(rclpy_context):
+    """spin(node, ...) -> spins the nodes on a background executor for the rest of the test."""
+    from rclpy.executors import MultiThreadedExecutor
+
+    executor = MultiThreadedExecutor(num_threads=4)
+    thread = None
+
+    def _spin(*nodes):
+        nonlocal thread
+        for n in nodes:
+            executor.add_node(n)
+        if thread is None:
+            thread = threading.Thread(target=executor.spin, daemon=True)
+            thread.start()
+        return executor
+
+    yield _spin
+    for n in list(executor.get_nodes()):
+        executor.remove_node(n)
+        n.destroy_node()
+    executor.shutdown(timeout_sec=2)
