@@ -1,0 +1,118 @@
+"""Station schema: both shipped stations load; bad files are refused with one message naming file, key, value."""
+import copy
+
+import pytest
+import yaml
+
+from recap_ros import paths
+from recap_ros.station import N_JOINTS, StationConfigError, load_station, parse_station
+
+
+@pytest.fixture
+def sim_data():
+    return yaml.safe_load(paths.station_file("sim").read_text())
+
+
+def _write(tmp_path, data):
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(data))
+    return str(f)
+
+
+@pytest.mark.parametrize("name", ["sim", "bimanual_aloha"])
+def test_shipped_stations_load(name):
+    st = load_station(name)
+    assert st.name == name
+    assert len(st.robot.joints) == N_JOINTS
+    assert st.robot.control_rate_hz == 50
+    assert [c.role for c in st.cameras] == ["base", "left_wrist", "right_wrist"]
+    assert st.mux.input("policy").topic == st.policy.command_topic
+    topics = dict(st.recorded_topics())
+    assert topics[st.robot.joint_states_topic] == "sensor_msgs/msg/JointState"
+    for cam in st.cameras:
+        assert topics[cam.compressed_topic] == "sensor_msgs/msg/CompressedImage"
+
+
+def test_available_stations_lists_both():
+    assert {"sim", "bimanual_aloha"} <= set(paths.available_stations())
+
+
+def _refused(tmp_path, data):
+    f = _write(tmp_path, data)
+    with pytest.raises(StationConfigError) as e:
+        load_station(f)
+    msg = str(e.value)
+    assert msg.startswith(f), msg  # names the file
+    assert "\n" not in msg
+    return e.value
+
+
+def test_missing_key(tmp_path, sim_data):
+    del sim_data["policy"]["bundle"]
+    err = _refused(tmp_path, sim_data)
+    assert err.key == "policy.bundle" and "missing" in err.why
+
+
+def test_wrong_type(tmp_path, sim_data):
+    sim_data["robot"]["control_rate_hz"] = "fast"
+    err = _refused(tmp_path, sim_data)
+    assert err.key == "robot.control_rate_hz" and err.value == "fast"
+
+
+def test_thirteen_joints(tmp_path, sim_data):
+    sim_data["robot"]["joints"] = sim_data["robot"]["joints"][:13]
+    err = _refused(tmp_path, sim_data)
+    assert err.key == "robot.joints" and "13" in str(err.value) and "14" in err.why
+
+
+def test_unknown_camera_source(tmp_path, sim_data):
+    sim_data["cameras"][1]["source"] = "ftp://cam.local/stream"
+    err = _refused(tmp_path, sim_data)
+    assert err.key == "cameras[1].source" and err.value == "ftp://cam.local/stream"
+    assert "ftp" in err.why
+
+
+def test_sim_source_on_hardware_station(tmp_path):
+    data = yaml.safe_load(paths.station_file("bimanual_aloha").read_text())
+    data["cameras"][0]["source"] = "sim"
+    err = _refused(tmp_path, data)
+    assert err.key == "cameras[0].source"
+
+
+@pytest.mark.parametrize("key,value,why", [
+    (("policy", "beta"), 3.0, "1.5"),
+    (("robot", "joints", 2, "upper"), -5.0, "greater than lower"),
+    (("robot", "joints", 0, "max_velocity"), 0.0, "> 0"),
+    (("cameras", 0, "fps"), -30, ">"),
+    (("cameras", 0, "width"), 7, ">="),
+    (("mux", "default_input"), "joystick", "hold"),
+    (("robot", "command_type"), "twist", "one of"),
+])
+def test_bad_values(tmp_path, sim_data, key, value, why):
+    node = sim_data
+    for k in key[:-1]:
+        node = node[k]
+    node[key[-1]] = value
+    err = _refused(tmp_path, sim_data)
+    assert why in err.why and err.value == value
+
+
+def test_policy_input_must_follow_policy_topic(tmp_path, sim_data):
+    sim_data["mux"]["inputs"][0]["topic"] = "/elsewhere"
+    err = _refused(tmp_path, sim_data)
+    assert err.key == "mux.inputs"
+
+
+def test_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(StationConfigError, match="cannot read"):
+        load_station(str(tmp_path / "nope.yaml"))
+    f = tmp_path / "broken.yaml"
+    f.write_text("robot: [unclosed\n")
+    with pytest.raises(StationConfigError, match="not valid YAML"):
+        load_station(str(f))
+
+
+def test_parse_is_pure(sim_data):
+    before = copy.deepcopy(sim_data)
+    parse_station(sim_data, "mem.yaml")
+    assert sim_data == before
