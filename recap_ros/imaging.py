@@ -5,19 +5,26 @@ import cv2
 import numpy as np
 
 
+def fit_geometry(w: int, h: int, width: int, height: int, mode: str = "letterbox") -> tuple[int, int, int, int]:
+    """Where :func:`fit` puts a w x h image inside width x height: (scaled width, scaled height, x0, y0)."""
+    if mode == "resize":
+        return width, height, 0, 0
+    if mode != "letterbox":
+        raise ValueError(f"unknown resize mode '{mode}' (letterbox, resize)")
+    scale = min(width / w, height / h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    return nw, nh, (width - nw) // 2, (height - nh) // 2
+
+
 def fit(rgb: np.ndarray, width: int, height: int, mode: str = "letterbox") -> np.ndarray:
     """Resize to width x height. 'letterbox' keeps the aspect ratio and pads with black; 'resize' stretches."""
     h, w = rgb.shape[:2]
     if (w, h) == (width, height):
         return rgb
+    nw, nh, x0, y0 = fit_geometry(w, h, width, height, mode)
     if mode == "resize":
         return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
-    if mode != "letterbox":
-        raise ValueError(f"unknown resize mode '{mode}' (letterbox, resize)")
-    scale = min(width / w, height / h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
     out = np.zeros((height, width, 3), dtype=np.uint8)
-    x0, y0 = (width - nw) // 2, (height - nh) // 2
     out[y0:y0 + nh, x0:x0 + nw] = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)
     return out
 

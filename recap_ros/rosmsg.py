@@ -8,11 +8,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from builtin_interfaces.msg import Time
+from builtin_interfaces.msg import Duration, Time
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
                        qos_profile_sensor_data)
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Float64MultiArray, MultiArrayDimension
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 # Images: best effort, keep the newest few (sensor-data profile, as camera drivers publish).
 SENSOR_QOS = qos_profile_sensor_data
@@ -137,3 +139,36 @@ def positions_from_command(msg, command_type: str, names: Sequence[str]) -> np.n
     if command_type == "joint_state":
         return positions_from_joint_state(msg, names)
     return positions_from_float_array(msg, len(names))
+
+
+def joint_trajectory_msg(names: Sequence[str], positions: np.ndarray, stamp_ns: int, dt: float) -> JointTrajectory:
+    """A (T, n) chunk of joint positions as a JointTrajectory: point k at time_from_start k*dt after stamp."""
+    msg = JointTrajectory()
+    msg.header.stamp = ns_to_stamp(stamp_ns)
+    msg.joint_names = list(names)
+    dt_ns = int(round(dt * 1e9))
+    for k, row in enumerate(np.asarray(positions, dtype=np.float64)):
+        t = k * dt_ns
+        msg.points.append(JointTrajectoryPoint(positions=row.tolist(), time_from_start=Duration(
+            sec=t // 1_000_000_000, nanosec=t % 1_000_000_000)))
+    return msg
+
+
+def positions_from_trajectory(msg: JointTrajectory) -> np.ndarray:
+    return np.asarray([p.positions for p in msg.points], dtype=np.float64)
+
+
+def diagnostic_array(stamp_ns: int, statuses: Sequence[tuple[str, int, str, dict]],
+                     hardware_id: str = "") -> DiagnosticArray:
+    """DiagnosticArray from (name, level, message, {key: value}) tuples; values are str()-ed."""
+    msg = DiagnosticArray()
+    msg.header.stamp = ns_to_stamp(stamp_ns)
+    for name, level, message, values in statuses:
+        msg.status.append(DiagnosticStatus(level=bytes([level]), name=name, message=message,
+                                           hardware_id=hardware_id,
+                                           values=[KeyValue(key=k, value=str(v)) for k, v in values.items()]))
+    return msg
+
+
+def diagnostic_values(status: DiagnosticStatus) -> dict[str, str]:
+    return {kv.key: kv.value for kv in status.values}

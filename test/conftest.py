@@ -37,7 +37,9 @@ def spin(rclpy_context):
         return executor
 
     yield _spin
-    for n in list(executor.get_nodes()):
-        executor.remove_node(n)
+    nodes = list(executor.get_nodes())
+    executor.shutdown(timeout_sec=2)  # stop spinning before the nodes go away
+    if thread is not None:
+        thread.join(timeout=2)
+    for n in nodes:
         n.destroy_node()
-    executor.shutdown(timeout_sec=2)
