@@ -1,0 +1,168 @@
+"""``recap-export <bags...> --out <dataset>``: episode bags -> LeRobot v3.0 dataset with RECAP labels.
+
+Arguments may be bag directories or folders of them (searched recursively for directories holding
+metadata.yaml or an .mcap). Incremental: bags already in the dataset (by directory name) are not exported
+again. Each bad bag gets one line saying why; the others still export. Exit status 1 if any bag failed
+(unreadable, unfinished, missing topics, wrong station), 0 otherwise (skipped bags: unlabelled, or gaps with
+--on-gap skip, are reported but not failures); 2 for bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from recap_ros.export.align import Tolerances
+from recap_ros.export.bagread import UNFINISHED
+from recap_ros.export.exporter import ON_GAP, SOURCE_BAG, BagResult, ExportConfig, export_bag, open_writer
+from recap_ros.export.lerobot import DatasetError, VideoOptions
+from recap_ros.recap.returns import NUM_BINS
+from recap_ros.recording import bag as rbag
+from recap_ros.station import StationConfigError, load_station
+
+
+def find_bags(paths: list[str]) -> list[Path]:
+    """Bag directories among the arguments (folders are searched), sorted by name, without duplicates."""
+    found: dict[str, Path] = {}
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such bag or folder")
+        if _is_bag(p):
+            found[str(p.resolve())] = p
+            continue
+        for sub in sorted(p.rglob("*")):
+            if sub.is_dir() and _is_bag(sub):
+                found[str(sub.resolve())] = sub
+    return sorted(found.values(), key=lambda b: b.name)
+
+
+def _is_bag(p: Path) -> bool:
+    return p.is_dir() and ((p / "metadata.yaml").is_file() or any(p.glob("*.mcap")))
+
+
+def _task_max_len(items: list[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        task, sep, steps = item.rpartition("=")
+        if not sep or not task or not steps.isdigit() or int(steps) <= 0:
+            raise argparse.ArgumentTypeError(f"--task-max-len {item!r}: expected PROMPT=STEPS with STEPS > 0")
+        out[task] = int(steps)
+    return out
+
+
+def _station_of(bags: list[Path], given: str | None) -> str:
+    if given:
+        return given
+    for b in bags:
+        try:
+            name = (rbag.read_metadata(b)["rosbag2_bagfile_information"].get("custom_data") or {}).get(rbag.K_STATION)
+        except rbag.BagError:
+            continue
+        if name:
+            return name
+    return "sim"
+
+
+def _repair(bag: Path) -> str | None:
+    """Run the recorder's repair on an unfinished bag; returns an error text, None when repaired."""
+    try:
+        from recap_ros.recording import repair
+    except ImportError:
+        return "recap_ros.recording.repair is not available in this installation"
+    try:
+        repair.repair_bag(bag)
+    except Exception as e:  # the repair tool reports its own failure kinds
+        return f"repair failed: {e}"
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recap-export", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("bags", nargs="+", help="episode bag directories or folders of them")
+    p.add_argument("--out", required=True, help="dataset directory (created, or appended to)")
+    p.add_argument("--station", help="station name or YAML (default: recap.station of the bags, else sim)")
+    p.add_argument("--max-len", type=int, help="task's maximum episode length in steps (default: the station's "
+                   "sim episode_timeout_s x control rate)")
+    p.add_argument("--task-max-len", action="append", default=[], metavar="PROMPT=STEPS",
+                   help="maximum episode length for one task (repeatable)")
+    p.add_argument("--c-fail", type=float, help="failure cost on the final step (default: the max length)")
+    p.add_argument("--bins", type=int, default=NUM_BINS, help="number of return bins B")
+    p.add_argument("--assume-outcome", choices=("success", "failure"),
+                   help="label for bags without an outcome (default: skip them)")
+    p.add_argument("--on-gap", choices=ON_GAP, default="split",
+                   help="gaps beyond tolerance: keep the valid segments as episodes, or skip the episode")
+    p.add_argument("--min-segment-s", type=float, default=1.0, help="drop segments shorter than this")
+    p.add_argument("--camera-tol-s", type=float, default=Tolerances.camera_s)
+    p.add_argument("--joint-tol-s", type=float, default=Tolerances.joint_s)
+    p.add_argument("--command-tol-s", type=float, default=Tolerances.command_s)
+    p.add_argument("--edge-tol-s", type=float, default=Tolerances.edge_s)
+    p.add_argument("--joints", choices=("interpolate", "latest"), default="interpolate")
+    p.add_argument("--vcodec", default=VideoOptions.codec, help="libx264, libsvtav1, hevc, mpeg4")
+    p.add_argument("--crf", type=int, default=VideoOptions.crf)
+    p.add_argument("--gop", type=int, default=VideoOptions.gop)
+    p.add_argument("--preset", default=VideoOptions.preset, help="x264/x265 preset (ultrafast .. slow)")
+    p.add_argument("--repair", action="store_true", help="repair unfinished bags (recap-bag-repair) and export them")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args: argparse.Namespace, out=sys.stdout) -> tuple[int, list[BagResult]]:
+    bags = find_bags(args.bags)
+    station = load_station(_station_of(bags, args.station))
+    cfg = ExportConfig(
+        tolerances=Tolerances(args.camera_tol_s, args.joint_tol_s, args.command_tol_s, args.edge_tol_s),
+        joint_mode=args.joints, on_gap=args.on_gap, min_segment_s=args.min_segment_s, max_len=args.max_len,
+        task_max_len=_task_max_len(args.task_max_len), c_fail=args.c_fail, num_bins=args.bins,
+        assume_outcome=args.assume_outcome,
+        video=VideoOptions(codec=args.vcodec, crf=args.crf, gop=args.gop, preset=args.preset))
+    results: list[BagResult] = []
+    t0 = time.monotonic()
+    with open_writer(args.out, station, cfg) as writer:
+        for note in writer.notes:
+            print(f"note: {note}", file=out)
+        present = writer.exported(SOURCE_BAG)
+        bar = tqdm(bags, unit="bag", disable=args.quiet, file=sys.stderr, desc="recap-export")
+        frames = 0
+        for bag in bar:
+            if bag.name in present:
+                results.append(BagResult(bag.name, "present"))
+                continue
+            r = export_bag(writer, bag, station, cfg)
+            if r.status == "failed" and r.kind == UNFINISHED and args.repair:
+                err = _repair(bag)
+                r = export_bag(writer, bag, station, cfg) if err is None else BagResult(
+                    bag.name, "failed", f"{r.message}; {err}", kind=UNFINISHED)
+                if err is None and r.status == "exported":
+                    r.message = "; ".join(x for x in ("repaired (recap-bag-repair)", r.message) if x)
+            results.append(r)
+            frames += r.frames
+            bar.set_postfix(frames=frames)
+            if r.status != "exported" or r.message:
+                tqdm.write(f"{r.status}: {r.bag}: {r.message}" if r.status == "exported" else
+                           f"{r.status}: {r.message}", file=out)
+    wall = time.monotonic() - t0
+    by = {s: [r for r in results if r.status == s] for s in ("exported", "present", "skipped", "failed")}
+    dur = sum(r.duration_s for r in by["exported"])
+    print(f"recap-export: {len(by['exported'])} exported ({sum(r.frames for r in results)} frames, "
+          f"{sum(len(r.episodes) for r in results)} episodes, {dur:.1f} s of robot time in {wall:.1f} s), "
+          f"{len(by['present'])} already in {args.out}, {len(by['skipped'])} skipped, {len(by['failed'])} failed",
+          file=out)
+    return (1 if by["failed"] else 0), results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code, _ = run(args)
+    except (FileNotFoundError, StationConfigError, DatasetError, ValueError, argparse.ArgumentTypeError) as e:
+        print(f"recap-export: error: {e}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
