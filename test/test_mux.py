@@ -1,0 +1,344 @@
+"""Unit tests of the ROS-free mux arbitration (recap_ros.control.mux): modes, priorities, preemption,
+override, locks (latching e-stop, masking by priority, heartbeat), timeouts, validation and step-limited
+handover. Time is driven explicitly (seconds), one control period = 20 ms."""
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from recap_ros import paths
+from recap_ros.control.mux import ALIGN_MARGIN_PERIODS, HOLD, TeleopMux
+from recap_ros.station import parse_station
+
+DT = 0.02
+
+
+def make_station(locks=None, inputs=None):
+    data = yaml.safe_load(paths.station_file("sim").read_text())
+    if locks is not None:
+        data["mux"]["locks"] = locks
+    if inputs is not None:
+        data["mux"]["inputs"] += inputs
+    return parse_station(data, "test")
+
+
+@pytest.fixture
+def st():
+    return make_station()
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self, dt=0.0):
+        self.t += dt
+        return self.t
+
+
+def ready_mux(st, q0=None):
+    m = TeleopMux(st.mux, st.robot)
+    m.on_joint_state(np.zeros(14) if q0 is None else q0, 100.0)
+    return m
+
+
+def run(m, clock, n, feeds=()):
+    """n ticks; before each, every (name, positions) in feeds publishes. Returns the Tick list."""
+    out = []
+    for _ in range(n):
+        now = clock(DT)
+        for name, q in feeds:
+            m.on_command(name, q, now)
+        out.append(m.tick(now))
+    return out
+
+
+def both_live(m, clock, feeds):
+    """Start both inputs publishing under an explicit hold (which is never preempted), then select policy:
+    a teleop that is already publishing does not preempt."""
+    m.on_mode("hold")
+    run(m, clock, 1, feeds)
+    m.on_mode("policy")
+
+
+def test_nothing_before_joint_state_then_holds_it(st):
+    m = TeleopMux(st.mux, st.robot)
+    assert not m.ready and m.tick(1.0).positions is None
+    m.on_command("policy", np.full(14, 0.1), 1.0)
+    assert m.tick(1.02).positions is None
+    assert m.on_joint_state(np.full(13, 0.1), 1.03) is not None  # wrong size: ignored
+    assert m.on_joint_state(np.full(14, math.nan), 1.03) is not None
+    q0 = np.full(14, 0.2)
+    q0[6] = -0.001  # gripper a hair below its lower limit 0.0: clamped into the limits
+    assert m.on_joint_state(q0, 1.04) is None
+    assert m.output[6] == 0.0 and m.output[0] == 0.2
+    assert any("clamped" in e for e in m.drain_events())
+    m.on_joint_state(np.zeros(14), 1.05)  # later joint states do not move the hold position
+    assert m.output[0] == 0.2
+
+
+def test_default_policy_drives_after_step_limited_handover(st):
+    m, clock = ready_mux(st), Clock()
+    target = np.full(14, 0.1)
+    ticks = run(m, clock, 10, [("policy", target)])
+    vmax = np.asarray(st.robot.max_velocity)
+    prev = np.zeros(14)
+    for t in ticks:
+        assert t.source == "policy" and not t.intervention and t.reason == ""
+        assert np.all(np.abs(t.positions - prev) <= vmax * DT + 1e-12)
+        prev = t.positions
+    # 0.1 rad at 2 rad/s * 20 ms = 0.04 per tick -> reached on the third tick, then forwarded unchanged
+    np.testing.assert_allclose(ticks[0].positions[0], 0.04)
+    assert ticks[1].converging and not ticks[2].converging
+    np.testing.assert_array_equal(ticks[-1].positions, target)
+    assert ticks[0].source_changed and not any(t.source_changed for t in ticks[1:])
+
+
+def test_timeout_falls_back_to_explicit_hold(st):
+    m, clock = ready_mux(st), Clock()
+    run(m, clock, 5, [("policy", np.full(14, 0.05))])
+    held = m.output.copy()
+    ticks = run(m, clock, 15)  # policy silent for 300 ms > timeout 0.2 s
+    live = [t for t in ticks if t.source == "policy"]
+    hold = [t for t in ticks if t.source == HOLD]
+    assert len(live) == 10 and len(hold) == 5  # 10 ticks = 200 ms within the timeout, then hold every tick
+    assert hold[0].source_changed and "policy: stale" in hold[0].reason and "timeout 0.2" in hold[0].reason
+    for t in hold:
+        np.testing.assert_array_equal(t.positions, held)
+    assert m.status(clock())["active_source"] == HOLD
+
+
+def test_mode_selects_input_and_unknown_modes_are_rejected(st):
+    m, clock = ready_mux(st), Clock()
+    feeds = [("policy", np.full(14, 0.01)), ("teleop", np.full(14, 0.02))]
+    both_live(m, clock, feeds)
+    assert run(m, clock, 1, feeds)[0].source == "policy"
+    assert m.on_mode("teleop") is None
+    t = run(m, clock, 1, feeds)[0]
+    assert t.source == "teleop" and t.intervention and t.source_changed
+    err = m.on_mode("joystick")
+    assert "joystick" in err and "teleop" in err and m.mode == "teleop" and m.stats.rejected_modes == 1
+    m.on_mode("hold")
+    t = run(m, clock, 1, feeds)[0]
+    assert t.source == HOLD and t.reason == "mode hold" and not t.intervention
+    m.on_mode("policy")
+    assert run(m, clock, 1, feeds)[0].source == "policy"
+
+
+def test_override_wins_while_true_and_releases(st):
+    m, clock = ready_mux(st), Clock()
+    feeds = [("policy", np.full(14, 0.01)), ("teleop", np.full(14, 0.02))]
+    both_live(m, clock, feeds)
+    assert run(m, clock, 2, feeds)[-1].source == "policy"
+    m.on_override(True)
+    assert m.aligned_delay(clock()) == 0.0  # a switch is forwarded at once in tick-aligned mode
+    t = run(m, clock, 1, feeds)[0]
+    assert (t.source, t.intervention) == ("teleop", True)
+    m.on_mode("policy")  # the mode cannot take control from a held deadman
+    assert run(m, clock, 1, feeds)[0].source == "teleop"
+    m.on_override(False)
+    t = run(m, clock, 1, feeds)[0]
+    assert (t.source, t.intervention) == ("policy", False)
+    m.on_override(True)  # override with a silent teleop: hold, never the policy
+    t = run(m, clock, 15, [feeds[0]])[-1]
+    assert t.source == HOLD and "teleop (override): stale" in t.reason
+
+
+def test_estop_latches_through_mode_and_override_until_released(st):
+    m, clock = ready_mux(st), Clock()
+    feeds = [("policy", np.full(14, 0.01)), ("teleop", np.full(14, 0.02))]
+    both_live(m, clock, feeds)
+    assert run(m, clock, 3, feeds)[-1].source == "policy"
+    m.on_lock("estop", True, clock())
+    held = m.output.copy()
+    for action in (lambda: m.on_mode("teleop"), lambda: m.on_override(True),
+                   lambda: m.on_override(False), lambda: m.on_mode("policy"),
+                   lambda: m.on_lock("estop", True, clock())):
+        action()
+        for t in run(m, clock, 3, feeds):
+            assert t.source == HOLD and "estop" in t.reason and "latched" in t.reason
+            np.testing.assert_array_equal(t.positions, held)
+    m.on_lock("estop", False, clock())
+    t = run(m, clock, 1, feeds)[0]
+    assert t.source == "policy"
+
+
+def test_lock_masks_only_inputs_with_lower_or_equal_priority():
+    st = make_station(locks=[{"name": "pause", "topic": "/pause", "priority": 100},
+                             {"name": "hb", "topic": "/hb", "priority": 50, "heartbeat_timeout_s": 0.1}])
+    m, clock = ready_mux(st), Clock()
+    feeds = [("policy", np.full(14, 0.01)), ("teleop", np.full(14, 0.02))]
+    both_live(m, clock, feeds)
+    t = run(m, clock, 1, feeds)[0]  # heartbeat lock never heard: engaged, masks policy (10 <= 50)
+    assert t.source == HOLD and "heartbeat lost (never received" in t.reason
+    m.on_mode("teleop")
+    assert run(m, clock, 1, feeds)[0].source == "teleop"  # teleop (100) is above the heartbeat lock
+    m.on_lock("pause", True, clock())
+    assert run(m, clock, 1, feeds)[0].source == HOLD  # priority 100 >= 100 masks teleop
+    m.on_lock("pause", False, clock())
+    m.on_mode("policy")
+    for _ in range(4):  # heartbeat at 40 ms < 100 ms: released
+        m.on_lock("hb", False, clock())
+        assert run(m, clock, 2, feeds)[-1].source == "policy"
+    t = run(m, clock, 6, feeds)[-1]  # heartbeat silent for 120 ms
+    assert t.source == HOLD and "heartbeat lost (silent" in t.reason
+
+
+@pytest.mark.parametrize("bad, why", [
+    (np.r_[np.full(13, 0.01), math.nan], "non-finite position for right_gripper"),
+    (np.full(13, 0.01), "expected 14 joint positions, got 13"),
+    (np.r_[np.full(6, 0.01), 1.5, np.full(7, 0.01)], "left_gripper=1.5000 not in [0.0, 1.0]"),
+    (np.r_[np.inf, np.full(13, 0.01)], "non-finite position for left_waist"),
+])
+def test_invalid_commands_are_dropped_counted_and_hold(st, bad, why):
+    m, clock = ready_mux(st), Clock()
+    good = np.full(14, 0.01)
+    run(m, clock, 3, [("policy", good)])
+    held = m.output.copy()
+    err = m.on_command("policy", bad, clock())
+    assert why in err
+    for t in run(m, clock, 3):
+        assert t.source == HOLD and why in t.reason and "rejected" in t.reason
+        np.testing.assert_array_equal(t.positions, held)
+        assert np.all(np.isfinite(t.positions)) and t.positions.shape == (14,)
+    assert m.inputs["policy"].dropped == 1 and m.status(clock())["policy.dropped"] == "1"
+    assert run(m, clock, 1, [("policy", good)])[0].source == "policy"
+
+
+def test_handover_is_step_limited_every_tick_including_early_ticks(st):
+    m, clock = ready_mux(st), Clock()
+    run(m, clock, 3, [("policy", np.zeros(14))])
+    far = np.asarray(st.robot.upper) * 0.9
+    m.on_mode("teleop")
+    vmax = np.asarray(st.robot.max_velocity)
+    prev, last_t = m.output.copy(), clock()
+    for i in range(200):
+        now = clock(DT if i % 3 else DT / 4)  # some early (tick-aligned) ticks, 5 ms after the previous one
+        m.on_command("teleop", far, now)
+        t = m.tick(now)
+        assert np.all(np.abs(t.positions - prev) <= vmax * min(now - last_t, DT) + 1e-12)
+        prev, last_t = t.positions, now
+        if not t.converging:
+            break
+    np.testing.assert_array_equal(prev, far)
+    assert i > 50  # waist 2.83 rad at 2 rad/s takes > 1.4 s
+
+
+def test_human_input_that_starts_publishing_preempts_until_handed_back(st):
+    m, clock = ready_mux(st), Clock()
+    pol, tel = ("policy", np.full(14, 0.01)), ("teleop", np.full(14, 0.02))
+    run(m, clock, 3, [pol])
+    t = run(m, clock, 1, [pol, tel])[0]  # the teleoperator grabs the controls
+    assert (m.mode, t.source, t.intervention) == ("teleop", "teleop", True) and m.stats.preemptions == 1
+    m.on_mode("policy")  # hand back while the teleop device keeps publishing: no new preemption
+    ticks = run(m, clock, 5, [pol, tel]) + run(m, clock, 15, [pol])
+    assert all(t.source == "policy" for t in ticks) and m.stats.preemptions == 1
+    assert run(m, clock, 1, [pol, tel])[0].source == "teleop"  # silent > timeout, then publishing again
+    assert m.stats.preemptions == 2
+    t = run(m, clock, 15, [pol])[-1]  # teleop goes quiet: hold, not a silent fall-back to the policy
+    assert t.source == HOLD and "teleop: stale" in t.reason
+    m.on_mode("hold")
+    run(m, clock, 15, [pol])
+    assert run(m, clock, 1, [pol, tel])[0].source == HOLD  # an explicit hold is never preempted
+    m.on_lock("estop", True, clock())
+    m.on_mode("policy")
+    run(m, clock, 15, [pol])
+    run(m, clock, 1, [pol, tel])  # masked by the e-stop: no preemption
+    assert m.mode == "policy" and m.stats.preemptions == 2
+
+
+def test_non_human_or_lower_priority_inputs_never_preempt():
+    st = make_station(inputs=[{"name": "script", "topic": "/script/command", "priority": 200, "timeout_s": 0.2},
+                              {"name": "spotter", "topic": "/spotter/command", "priority": 5, "timeout_s": 0.2,
+                               "human": True}])
+    m, clock = ready_mux(st), Clock()
+    feeds = [("policy", np.full(14, 0.01)), ("script", np.full(14, 0.02)), ("spotter", np.full(14, 0.03))]
+    ticks = run(m, clock, 5, feeds)
+    assert all(t.source == "policy" for t in ticks) and m.stats.preemptions == 0
+
+
+def test_aligned_delay_moves_ticks_earlier_for_fresh_active_commands_and_switches(st):
+    m, clock = ready_mux(st), Clock()
+    margin = ALIGN_MARGIN_PERIODS * DT
+    run(m, clock, 2, [("policy", np.full(14, 0.01))])
+    assert m.aligned_delay(clock(0.012)) is None  # nothing new
+    m.on_command("policy", np.full(14, 0.01), clock())
+    assert m.aligned_delay(clock()) == pytest.approx(margin)  # 12 ms after the tick: tick 2 ms from now
+    m.tick(clock(margin))
+    m.on_command("policy", np.full(14, 0.01), clock(0.005))
+    assert m.aligned_delay(clock()) is None  # 5 ms after a tick whose command waited 2 ms: the timer sends it
+    m.on_command("policy", np.full(14, 0.01), clock(0.0135))
+    assert m.aligned_delay(clock()) == pytest.approx(margin)  # 18.5 ms: the tick moves 0.5 ms later, at most 2
+    m.tick(clock(0.0015))
+    m.on_command("teleop", np.full(14, 0.01), clock(0.011))  # preemption: a switch
+    assert m.aligned_delay(clock()) == 0.0
+    m.tick(clock())
+    m.on_command("policy", np.full(14, 0.01), clock(0.011))
+    assert m.aligned_delay(clock()) is None  # fresh, but from an input that is not active
+
+
+def simulate_aligned(m, source_period, offset, duration=2.0, jitter=0.0, seed=0):
+    """The node's timer (period DT; re-armed to fire aligned_delay from now, then DT again after it fires)
+    against a source publishing every source_period from offset on, with uniform arrival jitter.
+    Returns (tick times, latency of each forwarded command from its arrival to the first tick that sent it)."""
+    rng = np.random.default_rng(seed)
+    t0 = 100.0
+    m.tick(t0)
+    timer_next = t0 + DT
+    msgs = [t0 + offset + k * source_period + rng.uniform(0, jitter) for k in range(int(duration / source_period))]
+    ticks, sent, latency, k = [], {}, [], 0
+    while k < len(msgs):
+        if timer_next <= msgs[k]:
+            now = timer_next
+            t = m.tick(now)
+            ticks.append(now)
+            timer_next = now + DT
+            seq = int(round((t.positions[0] - 0.1) / 1e-6))
+            if seq in sent:
+                latency.append(now - sent.pop(seq))
+        else:
+            now = msgs[k]
+            m.on_command("policy", np.full(14, 0.1) + 1e-6 * k, now)
+            sent[k] = now
+            k += 1
+            delay = m.aligned_delay(now)
+            if delay is not None:
+                timer_next = now + delay
+    return np.asarray(ticks), np.asarray(latency)
+
+
+def rate_hz(ticks):
+    return (len(ticks) - 1) / (ticks[-1] - ticks[0])
+
+
+@pytest.mark.parametrize("offset", [0.0005, 0.005, 0.0105, 0.0195])
+def test_tick_aligned_locks_onto_a_50hz_source_in_any_phase(st, offset):
+    ticks, latency = simulate_aligned(ready_mux(st), DT, offset)
+    margin = ALIGN_MARGIN_PERIODS * DT
+    assert np.all(latency[2:] <= margin + 1e-9)  # from the 3rd command on: sent <= 2 ms after its arrival
+    np.testing.assert_allclose(np.diff(ticks[3:]), DT, atol=1e-9)  # exactly the control rate, source's phase
+    assert np.all(np.diff(ticks) <= DT + 1e-9)
+
+
+def test_tick_aligned_follows_a_source_drifting_slightly_slow(st):
+    ticks, latency = simulate_aligned(ready_mux(st), DT * 1.01, 0.001)
+    assert np.all(latency[2:] <= ALIGN_MARGIN_PERIODS * DT + 1e-9)
+    assert np.all(np.diff(ticks) <= DT * (1 + ALIGN_MARGIN_PERIODS) + 1e-9)
+
+
+@pytest.mark.parametrize("period", [DT / 2, DT * 0.8, DT * 1.6, DT * 5])
+def test_tick_aligned_with_other_source_rates_never_drops_below_the_control_rate(st, period):
+    ticks, latency = simulate_aligned(ready_mux(st), period, 0.001)
+    gaps = np.diff(ticks)
+    assert np.all(gaps <= DT * (1 + ALIGN_MARGIN_PERIODS) + 1e-9)
+    assert np.sum(gaps < 0.5 * DT) <= 1  # one short interval leaves a bad phase
+    assert rate_hz(ticks) >= 48 and np.median(latency) <= ALIGN_MARGIN_PERIODS * DT + 1e-9
+
+
+def test_tick_aligned_with_arrival_jitter(st):
+    ticks, latency = simulate_aligned(ready_mux(st), DT, 0.003, jitter=0.004)
+    assert np.all(np.diff(ticks) <= DT * (1 + ALIGN_MARGIN_PERIODS) + 1e-9)
+    assert rate_hz(ticks) == pytest.approx(50, abs=3)
+    print("jitter 4 ms: latency p50 %.1f ms p90 %.1f ms" % tuple(np.percentile(latency, [50, 90]) * 1e3))
+    assert np.median(latency) <= 0.004
