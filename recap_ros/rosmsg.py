@@ -25,6 +25,10 @@ LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, histor
                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
 # Event-like topics that must not be lost (episode events, chunks, stats).
 EVENT_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+# Publisher side of event topics whose recent history late joiners may need (sim_robot's episode events):
+# EVENT_QOS subscribers still match it; subscribers using this profile get the last 100 events on joining.
+EVENT_HISTORY_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST,
+                               durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
 class MessageError(ValueError):
