@@ -63,11 +63,16 @@ class DeadlineLoop:
     """Calls ``fn(periods, now_ns)`` every period on absolute deadlines until :meth:`stop`.
 
     An exception from fn goes to ``on_error`` and the loop keeps its rate (a stalled stream is worse).
+    Deadlines already gone are skipped (``periods`` tells fn how many it covers), unless the loop is at most
+    ``max_lag_s`` behind: then the late calls are caught up back to back (a simulator whose time must keep up
+    with wall time uses that).
     """
 
     def __init__(self, period_s: float, fn: Callable[[int, int], None], monitor: PeriodMonitor,
-                 on_error: Callable[[Exception], None], priority: int = 0, name: str = "control-loop"):
+                 on_error: Callable[[Exception], None], priority: int = 0, name: str = "control-loop",
+                 max_lag_s: float = 0.0):
         self.period_ns = int(round(period_s * 1e9))
+        self.max_lag_ns = int(round(max_lag_s * 1e9))
         self.fn, self.monitor, self.on_error, self.priority = fn, monitor, on_error, priority
         self.scheduling = ""
         self._stop = threading.Event()
@@ -96,5 +101,5 @@ class DeadlineLoop:
                 self.on_error(e)
             deadline += self.period_ns
             after = time.monotonic_ns()
-            if deadline <= after:  # overslept or fn overran: skip the deadlines already gone
+            if deadline <= after - self.max_lag_ns:  # overslept or fn overran: skip the deadlines already gone
                 deadline += ((after - deadline) // self.period_ns + 1) * self.period_ns

@@ -18,18 +18,30 @@ from __future__ import annotations
 
 import sys
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
-from rcl_interfaces.msg import FloatingPointRange, ParameterDescriptor, SetParametersResult
-from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
-from rclpy.executors import ExternalShutdownException
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    ParameterDescriptor,
+    SetParametersResult,
+)
+from rclpy.exceptions import (
+    InvalidParameterTypeException,
+    InvalidParameterValueException,
+)
 from rclpy.node import Node
 from std_msgs.msg import Float64, String
 
 from recap_ros import rosmsg
-from recap_ros.control.guidance import (BETA_OFF, BackoffConfig, BetaBackoff, BetaChange, beta_for_task,
-                                        beta_problem)
-from recap_ros.station import BETA_MAX, StationConfigError, load_station
+from recap_ros.control.guidance import (
+    BETA_OFF,
+    BackoffConfig,
+    BetaBackoff,
+    BetaChange,
+    beta_for_task,
+    beta_problem,
+)
+from recap_ros.nodes import run_node
+from recap_ros.station import BETA_MAX, load_station
 
 CHUNK_STATUS = "policy_server: chunk"
 STATS_KEYS = ("beta", "peak_velocity_ratio", "min_limit_margin")
@@ -132,22 +144,8 @@ class CfgGuidance(Node):
             "prompt": self.prompt, "changes": self.changes})]))
 
 
-def main(args=None):
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = CfgGuidance()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except StationConfigError as e:
-        print(f"cfg_guidance: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+def main(args=None) -> int:
+    return run_node("cfg_guidance", CfgGuidance, args)
 
 
 if __name__ == "__main__":

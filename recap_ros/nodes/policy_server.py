@@ -42,21 +42,26 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
-import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Float64, String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
-from diagnostic_msgs.msg import DiagnosticArray
 
 from recap_ros import rosmsg
 from recap_ros.control.guidance import BETA_OFF, beta_problem
-from recap_ros.control.stitching import ChunkExecutor, ChunkRejected, JointLimits, Request
+from recap_ros.control.stitching import (
+    ChunkExecutor,
+    ChunkRejected,
+    JointLimits,
+    Request,
+)
 from recap_ros.control.ticker import DeadlineLoop, PeriodMonitor, try_realtime
+from recap_ros.nodes import run_node
 from recap_ros.station import BETA_MIN, StationConfigError, load_station
 
 OK, WARN, ERROR = 0, 1, 2
@@ -472,28 +477,16 @@ class PolicyServer(Node):
         return super().destroy_node()
 
 
-def main(args=None):
+def _executor(node: "PolicyServer") -> MultiThreadedExecutor:
+    # the executor's threads are created by (and inherit the scheduling of) this thread
+    node.get_logger().info(f"ROS callback threads: {try_realtime(node.ros_priority)}")
+    return MultiThreadedExecutor(num_threads=3)
+
+
+def main(args=None) -> int:
     from recap_ros.policy import PolicyError
 
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = PolicyServer()
-        # the executor's threads are created by (and inherit the scheduling of) this thread
-        node.get_logger().info(f"ROS callback threads: {try_realtime(node.ros_priority)}")
-        executor = MultiThreadedExecutor(num_threads=3)
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except (StationConfigError, PolicyError) as e:
-        print(f"policy_server: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node("policy_server", PolicyServer, args, _executor, config_errors=(PolicyError,))
 
 
 if __name__ == "__main__":

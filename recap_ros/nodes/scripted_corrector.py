@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import sys
 
-import rclpy
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from sensor_msgs.msg import JointState
 from std_msgs.msg import String
 
 from recap_ros import rosmsg
+from recap_ros.nodes import run_node
 from recap_ros.sim.corrector import Corrector
 from recap_ros.sim.kinematics import Bimanual
 from recap_ros.sim.task import Task
@@ -83,22 +82,9 @@ class ScriptedCorrector(Node):
             self.command_pub.publish(rosmsg.command_msg(self.human.type, self.names, command, rosmsg.now_ns(self)))
 
 
-def main(args=None) -> None:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = ScriptedCorrector()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except StationConfigError as e:
-        print(f"scripted_corrector: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+def main(args=None) -> int:
+    return run_node("scripted_corrector", ScriptedCorrector, args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,52 +22,22 @@ import time
 
 import numpy as np
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rclpy.executors import ExternalShutdownException
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, JointState
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from recap_ros import rosmsg
+from recap_ros.control.ticker import DeadlineLoop, PeriodMonitor
 from recap_ros.imaging import encode_jpeg
+from recap_ros.nodes import run_node
 from recap_ros.sim.env import SimEnv, check_command
-from recap_ros.station import Camera, StationConfigError, load_station
+from recap_ros.station import Camera, load_station
 
 STARTUP_DELAY_S = 2.0  # first episode starts after this, so recorders / correctors can connect first
 CONTROL_MAX_LAG_S = 1.0  # the control loop catches up late ticks (sim time keeps up with wall time) up to this
 CAMERA_MAX_LAG_S = 0.1   # cameras drop frames instead when further behind (as real cameras do)
-
-
-class RateLoop(threading.Thread):
-    """Calls fn every period seconds on its own thread (absolute schedule: late calls are caught up while the
-    loop is at most max_lag seconds behind, beyond that it skips ahead)."""
-
-    def __init__(self, period: float, fn, name: str, logger, max_lag: float):
-        super().__init__(name=name, daemon=True)
-        self.period, self.fn, self.logger, self.max_lag = period, fn, logger, max_lag
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        next_t = time.monotonic()
-        while not self._halt.is_set():
-            try:
-                self.fn()
-            except Exception as e:  # keep the robot alive; the error is logged with its source
-                if self._halt.is_set() or not rclpy.ok():
-                    return
-                self.logger.error(f"{self.name}: {type(e).__name__}: {e}", throttle_duration_sec=1.0)
-            next_t += self.period
-            delay = next_t - time.monotonic()
-            if delay > 0:
-                self._halt.wait(delay)
-            elif delay < -self.max_lag:
-                next_t = time.monotonic()
-
-    def stop(self) -> None:
-        self._halt.set()
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout=2.0)
 
 
 class SimRobot(Node):
@@ -95,7 +65,8 @@ class SimRobot(Node):
                                  self._on_command, rosmsg.COMMAND_QOS)
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.create_timer(1.0, self._publish_diagnostics)
-        self.loops = [RateLoop(robot.period_s, self._tick, "control", self.get_logger(), CONTROL_MAX_LAG_S)]
+        self.loops = [self._loop(robot.period_s, lambda periods, now_ns: self._tick(), "control",
+                                 CONTROL_MAX_LAG_S)]
         self.loops += [self._camera_loop(cam) for cam in self.station.cameras]
         for loop in self.loops:
             loop.start()
@@ -104,13 +75,20 @@ class SimRobot(Node):
                                f"{[c.name for c in self.station.cameras]}")
 
     # ------------------------------------------------------------------ cameras
-    def _camera_loop(self, cam: Camera) -> RateLoop:
+    def _loop(self, period_s: float, fn, name: str, max_lag_s: float) -> DeadlineLoop:
+        def on_error(e: Exception) -> None:  # keep the robot alive; the error is logged with its source
+            if rclpy.ok():
+                self.get_logger().error(f"{name}: {type(e).__name__}: {e}", throttle_duration_sec=1.0)
+
+        return DeadlineLoop(period_s, fn, PeriodMonitor(period_s), on_error, name=name, max_lag_s=max_lag_s)
+
+    def _camera_loop(self, cam: Camera) -> DeadlineLoop:
         image_pub = self.create_publisher(Image, cam.image_topic, rosmsg.SENSOR_QOS)
         jpeg_pub = self.create_publisher(CompressedImage, cam.compressed_topic, rosmsg.SENSOR_QOS)
         info_pub = self.create_publisher(CameraInfo, cam.camera_info_topic, rosmsg.SENSOR_QOS)
         info = self._camera_info(cam)
 
-        def publish() -> None:
+        def publish(periods: int, now_ns: int) -> None:
             with self._lock:
                 q, task = self._q, self.env.task
             stamp_ns = rosmsg.now_ns(self)
@@ -121,7 +99,7 @@ class SimRobot(Node):
             info.header.stamp = rosmsg.ns_to_stamp(stamp_ns)
             info_pub.publish(info)
 
-        return RateLoop(1.0 / cam.fps, publish, f"camera {cam.name}", self.get_logger(), CAMERA_MAX_LAG_S)
+        return self._loop(1.0 / cam.fps, publish, f"camera {cam.name}", CAMERA_MAX_LAG_S)
 
     def _camera_info(self, cam: Camera) -> CameraInfo:
         k = self.env.renderer.output_intrinsics(cam.role)
@@ -196,37 +174,21 @@ class SimRobot(Node):
             response.message = f"episode {self.env.episode}: {self.env.task.prompt}"
         return response
 
-    def stop(self) -> None:
+    def destroy_node(self):
         for loop in self.loops:
             loop.stop()
+        return super().destroy_node()
 
     def _publish_diagnostics(self) -> None:
-        status = DiagnosticStatus(level=DiagnosticStatus.OK, name="sim_robot: episodes", hardware_id="sim",
-                                  message="running" if self._running else "between episodes")
         values = {**self.stats, "episode": self.env.episode, "last_reason": self._last_reason}
-        status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
-        msg = DiagnosticArray(status=[status])
-        msg.header.stamp = rosmsg.ns_to_stamp(rosmsg.now_ns(self))
-        self.diag_pub.publish(msg)
+        self.diag_pub.publish(rosmsg.diagnostic_array(rosmsg.now_ns(self), [(
+            "sim_robot: episodes", DiagnosticStatus.OK, "running" if self._running else "between episodes",
+            values)], hardware_id="sim"))
 
 
-def main(args=None) -> None:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = SimRobot()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except (StationConfigError, ValueError) as e:  # bad station file / not a sim station
-        print(f"sim_robot: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if node is not None:
-            node.stop()
-            node.destroy_node()
-        rclpy.try_shutdown()
+def main(args=None) -> int:
+    return run_node("sim_robot", SimRobot, args, config_errors=(ValueError,))  # ValueError: not a sim station
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

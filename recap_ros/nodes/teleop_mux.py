@@ -22,19 +22,28 @@ TeleopMux.aligned_delay); false: every command waits for the fixed timer),
 """
 from __future__ import annotations
 
+import sys
 import time
 
-import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rclpy.executors import ExternalShutdownException
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.node import Node
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool, String
 
 from recap_ros.control.mux import HOLD, TeleopMux
-from recap_ros.rosmsg import (COMMAND_QOS, LATCHED_QOS, MessageError, command_msg, command_msg_class, now_ns,
-                              positions_from_command, positions_from_joint_state)
-from recap_ros.station import StationConfigError, load_station
+from recap_ros.nodes import run_node
+from recap_ros.rosmsg import (
+    COMMAND_QOS,
+    LATCHED_QOS,
+    MessageError,
+    command_msg,
+    command_msg_class,
+    diagnostic_array,
+    now_ns,
+    positions_from_command,
+    positions_from_joint_state,
+)
+from recap_ros.station import load_station
 
 
 class TeleopMuxNode(Node):
@@ -151,32 +160,15 @@ class TeleopMuxNode(Node):
     def _publish_diagnostics(self) -> None:
         c = self.core
         holding_by_choice = c.source != HOLD or c.reason == "mode hold"
-        status = DiagnosticStatus(
-            level=DiagnosticStatus.OK if holding_by_choice else DiagnosticStatus.WARN,
-            name="teleop_mux: arbitration", hardware_id=self.station.name,
-            message=f"driven by {c.source}" if c.source != HOLD else f"holding: {c.reason}",
-            values=[KeyValue(key=k, value=v) for k, v in c.status(time.monotonic()).items()])
-        arr = DiagnosticArray(status=[status])
-        arr.header.stamp = self.get_clock().now().to_msg()
-        self.pub_diag.publish(arr)
+        self.pub_diag.publish(diagnostic_array(now_ns(self), [(
+            "teleop_mux: arbitration", DiagnosticStatus.OK if holding_by_choice else DiagnosticStatus.WARN,
+            f"driven by {c.source}" if c.source != HOLD else f"holding: {c.reason}",
+            c.status(time.monotonic()))], hardware_id=self.station.name))
 
 
-def main(args=None):
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = TeleopMuxNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except StationConfigError as e:
-        rclpy.logging.get_logger("teleop_mux").fatal(str(e))
-        raise SystemExit(2) from None
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+def main(args=None) -> int:
+    return run_node("teleop_mux", TeleopMuxNode, args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
