@@ -164,11 +164,12 @@ def positions_from_trajectory(msg: JointTrajectory) -> np.ndarray:
 
 def diagnostic_array(stamp_ns: int, statuses: Sequence[tuple[str, int, str, dict]],
                      hardware_id: str = "") -> DiagnosticArray:
-    """DiagnosticArray from (name, level, message, {key: value}) tuples; values are str()-ed."""
+    """DiagnosticArray from (name, level, message, {key: value}) tuples; values are str()-ed. level is an int
+    0..3 or a DiagnosticStatus constant (OK, WARN, ERROR, STALE are bytes in rclpy)."""
     msg = DiagnosticArray()
     msg.header.stamp = ns_to_stamp(stamp_ns)
     for name, level, message, values in statuses:
-        msg.status.append(DiagnosticStatus(level=bytes([level]), name=name, message=message,
+        msg.status.append(DiagnosticStatus(level=level if isinstance(level, bytes) else bytes([level]), name=name, message=message,
                                            hardware_id=hardware_id,
                                            values=[KeyValue(key=k, value=str(v)) for k, v in values.items()]))
     return msg
