@@ -23,20 +23,22 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 import time
 
-import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
 from std_srvs.srv import SetBool, Trigger
 
+from recap_ros.nodes import run_node
 from recap_ros.recording import (BagError, EpisodeRecorder, RecorderConfig, RecorderError,
                                  matched_subscription_qos)
-from recap_ros.station import StationConfigError, load_station
+from recap_ros.rosmsg import diagnostic_array, now_ns
+from recap_ros.station import load_station
 
 SUBSCRIPTION_DEPTH = 100
 _INFINITE_NS = 2**63 - 1
@@ -189,11 +191,8 @@ class EpisodeRecorderNode(Node):
                   "last_episode": s["last_episode"], "last_error": s["last_error"],
                   "subscribed": f"{len(self._subs)}/{len(self.recorder.topics)}"}
         values.update({f"dropped {t}": n for t, n in sorted(s["dropped"].items())})
-        status = DiagnosticStatus(level=level, name=f"{self.get_name()}: recorder", message=summary,
-                                  values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
-        msg = DiagnosticArray(status=[status])
-        msg.header.stamp = self.get_clock().now().to_msg()
-        self.pub_diag.publish(msg)
+        self.pub_diag.publish(diagnostic_array(now_ns(self), [(f"{self.get_name()}: recorder", level, summary,
+                                                               values)], hardware_id=self.station.name))
 
     def destroy_node(self) -> None:
         self.recorder.close()
@@ -209,24 +208,10 @@ def _msg_class(msgtype: str):
         raise BagError(f"message type '{msgtype}' is not installed (no Python module {pkg}.msg.{name})") from None
 
 
-def main(args=None):
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = EpisodeRecorderNode()
-        executor = MultiThreadedExecutor(num_threads=2)
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except StationConfigError as e:
-        rclpy.logging.get_logger("episode_recorder").fatal(str(e))
-        raise SystemExit(2) from None
-    finally:
-        if node is not None:
-            node.destroy_node()  # closes the current episode's bag
-        rclpy.try_shutdown()
+def main(args=None) -> int:
+    return run_node("episode_recorder", EpisodeRecorderNode, args,
+                    make_executor=lambda node: MultiThreadedExecutor(num_threads=2))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
