@@ -110,6 +110,7 @@ class _Episode:
     facts: EpisodeFacts
     bag: BagWriter
     dropped: dict[str, int] = field(default_factory=dict)
+    prompt_fixed: bool = False  # the prompt came with the start request/event: the prompt topic cannot change it
 
 
 class EpisodeRecorder:
@@ -378,6 +379,8 @@ class EpisodeRecorder:
         else:
             self._beta = value
         ep = self._episode
+        if key == K_PROMPT and ep is not None and ep.prompt_fixed:
+            return  # a prompt arriving now belongs to the next episode (topics are not ordered with events)
         if ep is not None and ep.bag.custom_data.get(key) != value:
             ep.facts = replace(ep.facts, **{"prompt" if key == K_PROMPT else "beta": value})
             ep.bag.set_custom_data({key: value})
@@ -461,7 +464,7 @@ class EpisodeRecorder:
             raise RecorderError(str(e)) from None
         self._next_index = episode + 1
         with self._lock:
-            self._episode = _Episode(facts, bag)
+            self._episode = _Episode(facts, bag, prompt_fixed=prompt is not None)
         for topic, (data, recv_ns) in list(self._cache.items()):  # the state the episode starts in
             self._write(topic, data, max(recv_ns, start_ns))
         self._log("info", f"episode {episode} recording into {bag.path}")
