@@ -1,0 +1,107 @@
+"""Tokenizers and prompt assembly.
+
+Prompt layout (token order in the backbone)::
+
+    [image tokens per view] [BOS "Task: <task>\\n" + padding] [state token]* [ "Advantage: positive\\n" + padding]
+    `---------------------------- shared prefix ----------------------------'  `------ advantage segment ------'
+
+(* only when ``state_input == "prefix"``). The advantage segment comes AFTER the shared prefix and the prefix never
+attends to it, so the conditional ("Advantage: positive") and unconditional (no indicator) CFG branches share one
+prefix KV cache; the unconditional branch simply masks the segment out. Training also uses
+"Advantage: negative" (indicator False) and no segment (indicator None, the 30 % dropout).
+
+Tokenizers: ``byte`` (UTF-8 bytes + 3; ids 0 pad, 1 BOS, 2 EOS) for random-weight / small bundles, and
+``sentencepiece`` (a ``tokenizer.model`` file in the bundle, e.g. Gemma's) for real checkpoints.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from recap_ros.policy.errors import PolicyError
+
+POSITIVE, NEGATIVE = "Advantage: positive\n", "Advantage: negative\n"
+
+
+class ByteTokenizer:
+    kind = "byte"
+    pad_id, bos_id, eos_id = 0, 1, 2
+    vocab_size = 256 + 3
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 3 for b in text.encode("utf-8")]
+
+    def spec(self) -> dict:
+        return {"type": "byte"}
+
+
+class SentencePieceTokenizer:
+    kind = "sentencepiece"
+
+    def __init__(self, path: str | Path):
+        import sentencepiece
+
+        self.path = Path(path)
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+        except (OSError, RuntimeError) as e:
+            raise PolicyError(f"{self.path}: not a readable SentencePiece model ({e})") from None
+        self.pad_id = max(self.sp.pad_id(), 0)
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else self.pad_id
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.sp.encode(text))
+
+    def spec(self) -> dict:
+        return {"type": "sentencepiece", "file": self.path.name}
+
+
+def load_tokenizer(spec: dict, bundle_dir: Path):
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "sentencepiece":
+        path = bundle_dir / str(spec.get("file", "tokenizer.model"))
+        if not path.is_file():
+            raise PolicyError(f"{bundle_dir}: tokenizer file {path.name} is missing")
+        return SentencePieceTokenizer(path)
+    raise PolicyError(f"{bundle_dir}: config.json tokenizer {spec!r}: type must be 'byte' or 'sentencepiece'")
+
+
+class PromptEncoder:
+    """Prompts + advantage indicators -> fixed-length token arrays for the model (numpy, int64 / bool)."""
+
+    def __init__(self, tokenizer, max_text_tokens: int, max_advantage_tokens: int):
+        self.tok, self.max_text, self.max_adv = tokenizer, max_text_tokens, max_advantage_tokens
+        self._adv = {True: tokenizer.encode(POSITIVE), False: tokenizer.encode(NEGATIVE)}
+        longest = max(len(t) for t in self._adv.values())
+        if longest > max_advantage_tokens:
+            raise PolicyError(f"advantage segment needs {longest} tokens but max_advantage_tokens is "
+                              f"{max_advantage_tokens}")
+
+    def text_tokens(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PolicyError(f"prompt {prompt!r}: must be a non-empty string")
+        ids = [self.tok.bos_id] + self.tok.encode(f"Task: {prompt.strip()}\n")
+        if len(ids) > self.max_text:
+            raise PolicyError(f"prompt {prompt!r} is {len(ids)} tokens; the model takes at most {self.max_text}")
+        return ids
+
+    def encode(self, prompts: Sequence[str], indicators: Sequence[bool | None]) -> dict[str, np.ndarray]:
+        if len(prompts) != len(indicators):
+            raise PolicyError(f"{len(prompts)} prompts but {len(indicators)} indicators")
+        b = len(prompts)
+        out = {"tokens": np.full((b, self.max_text), self.tok.pad_id, np.int64),
+               "token_mask": np.zeros((b, self.max_text), bool),
+               "adv_tokens": np.full((b, self.max_adv), self.tok.pad_id, np.int64),
+               "adv_mask": np.zeros((b, self.max_adv), bool)}
+        for i, (p, ind) in enumerate(zip(prompts, indicators)):
+            ids = self.text_tokens(p)
+            out["tokens"][i, :len(ids)], out["token_mask"][i, :len(ids)] = ids, True
+            if ind is not None:
+                adv = self._adv[bool(ind)]
+                out["adv_tokens"][i, :len(adv)], out["adv_mask"][i, :len(adv)] = adv, True
+        return out

@@ -1,0 +1,133 @@
+"""Training API: tokenised indicators, flow-matching loss, norm stats, save_bundle -> load_policy round trip."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from recap_ros.policy import PolicyError, load_policy
+from recap_ros.policy.config import PRESETS, preset
+from recap_ros.policy.model import Pi06Policy, PrefixEncoder
+from recap_ros.policy.normalize import compute_norm_stats, load_norm_stats, save_norm_stats
+from recap_ros.policy.tokenizer import NEGATIVE, POSITIVE, ByteTokenizer, PromptEncoder
+from recap_ros.policy.training import drop_indicators, flow_matching_loss, prepare_images, prompt_encoder_for
+
+SMALL = dict(depth=1, vision_depth=1, width=64, mlp_dim=128, expert_width=32, expert_mlp_dim=64)
+
+
+def batch(b=4, seed=0):
+    rng = np.random.default_rng(seed)
+    cfg = preset("tiny")
+    images = prepare_images([[rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(3)]
+                             for _ in range(b)], cfg)
+    return (images, rng.standard_normal((b, 14)).astype(np.float32), ["pick the cube", "touch the marker"] * (b // 2),
+            [True, False, None, True][:b], np.clip(rng.standard_normal((b, 50, 14)), -1, 1).astype(np.float32))
+
+
+def test_prompt_encoder_indicators():
+    enc = PromptEncoder(ByteTokenizer(), 96, 24)
+    out = enc.encode(["pick", "pick", "pick"], [True, False, None])
+    tok = ByteTokenizer()
+    assert out["adv_mask"].sum(1).tolist() == [len(POSITIVE), len(NEGATIVE), 0]
+    assert out["adv_tokens"][0, :len(POSITIVE)].tolist() == tok.encode(POSITIVE)
+    assert out["adv_tokens"][1, :len(NEGATIVE)].tolist() == tok.encode(NEGATIVE)
+    assert (out["tokens"] == out["tokens"][0]).all() and out["token_mask"][0, 0]  # shared prefix text
+    with pytest.raises(PolicyError, match="advantage segment needs 20 tokens"):
+        PromptEncoder(ByteTokenizer(), 96, 8)
+
+
+def test_drop_indicators_rate():
+    out = drop_indicators([True] * 2000, 0.3, np.random.default_rng(0))
+    assert 0.25 < sum(i is None for i in out) / 2000 < 0.35 and set(out) == {True, None}
+
+
+def test_norm_stats_roundtrip(tmp_path):
+    rng = np.random.default_rng(0)
+    state, actions = rng.normal(2.0, 3.0, (5000, 14)), rng.uniform(-1, 1, (200, 50, 14))
+    st = compute_norm_stats(state, actions)
+    assert np.allclose(st["state"].mean, 2.0, atol=0.2) and np.allclose(st["state"].std, 3.0, atol=0.2)
+    assert np.allclose(st["actions"].q01, -0.98, atol=0.01) and np.allclose(st["actions"].q99, 0.98, atol=0.01)
+    save_norm_stats(st, tmp_path / "n.json")
+    assert set(json.loads((tmp_path / "n.json").read_text())["norm_stats"]) == {"state", "actions"}
+    back = load_norm_stats(tmp_path / "n.json")
+    for mode in ("quantile", "zscore"):
+        x = state[:10]
+        np.testing.assert_allclose(back["state"].unnormalize(back["state"].normalize(x, mode), mode), x, atol=1e-9)
+    with pytest.raises(PolicyError, match="contains NaN"):
+        compute_norm_stats(np.full((3, 14), np.nan), actions)
+
+
+def test_loss_trains_and_respects_indicator():
+    torch.manual_seed(0)
+    model = Pi06Policy(preset("tiny", **SMALL))
+    images, state, prompts, ind, actions = batch()
+    noise, time = torch.randn(4, 50, 14), torch.full((4,), 0.5)
+    loss = flow_matching_loss(model, images, state, prompts, ind, actions, noise=noise, time=time)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        loss = flow_matching_loss(model, images, state, prompts, ind, actions, noise=noise, time=time)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+    per = flow_matching_loss(model, images, state, prompts, ind, actions, noise=noise, time=time, reduction="none")
+    flipped = flow_matching_loss(model, images, state, prompts, [not i if i is not None else None for i in ind],
+                                 actions, noise=noise, time=time, reduction="none")
+    assert per.shape == (4, 50, 14)
+    assert not torch.allclose(per[:2], flipped[:2]) and torch.allclose(per[2], flipped[2])  # None: no indicator
+
+
+def test_knowledge_insulation_stops_backbone_gradient():
+    model = Pi06Policy(preset("tiny", **SMALL))
+    images, state, prompts, ind, actions = batch()
+    flow_matching_loss(model, images, state, prompts, ind, actions, knowledge_insulation=True).backward()
+    assert all(p.grad is None for p in model.prefix.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.expert.parameters())
+
+
+def test_loss_input_errors():
+    model = Pi06Policy(preset("tiny", **SMALL))
+    images, state, prompts, ind, actions = batch()
+    with pytest.raises(PolicyError, match="use prepare_images"):
+        flow_matching_loss(model, images[:, :, :32], state, prompts, ind, actions)
+    with pytest.raises(PolicyError, match="expected \\(4, 14\\)"):
+        flow_matching_loss(model, images, state[:, :7], prompts, ind, actions)
+
+
+def test_save_bundle_loads_everywhere(tmp_path):
+    from recap_ros.policy.bundle import save_bundle
+
+    torch.manual_seed(1)
+    model = Pi06Policy(preset("tiny", **SMALL, time_conditioning="concat", state_input="suffix",
+                              normalization="zscore"))
+    rng = np.random.default_rng(0)
+    stats = compute_norm_stats(rng.normal(size=(100, 14)), rng.normal(size=(100, 14)))
+    b = save_bundle(model, tmp_path / "mine", stats, steps=(3, 5))
+    assert b.onnx_steps == (3, 5)
+    views = [rng.integers(0, 256, (30, 30, 3), dtype=np.uint8) for _ in range(3)]
+    outs = [load_policy(b.dir, backend=be).infer(views, np.ones(14), "stack", beta=beta, seed=2, steps=3)
+            for be in ("torch", "onnxruntime") for beta in (1.0, 2.5)]
+    np.testing.assert_allclose(outs[2], outs[0], atol=1e-4)
+    np.testing.assert_allclose(outs[3], outs[1], atol=1e-4)
+    assert "ONNX I/O contract" in (b.dir / "README.md").read_text()
+
+
+def test_presets_and_value_backbone():
+    pi = PRESETS["pi06"]
+    assert (pi.depth, pi.width, pi.heads, pi.kv_heads, pi.head_dim, pi.mlp_dim) == (34, 2560, 8, 4, 256, 10240)
+    assert (pi.image_size, pi.patch_size, pi.vision_tokens) == (448, 14, 256)
+    with pytest.raises(PolicyError, match="unknown model preset"):
+        preset("pi07")
+    with pytest.raises(PolicyError, match="vision_tokens"):
+        preset("tiny", vision_tokens=15)
+    enc = PrefixEncoder(dataclasses.replace(preset("tiny"), depth=1, width=32, mlp_dim=64))
+    c = enc.cfg
+    x = prompt_encoder_for(Pi06Policy(preset("tiny"))).encode(["a"], [None])
+    images = torch.zeros(1, 3, 3, c.image_size, c.image_size)
+    keys, _, kv_mask, hidden = enc(images, *(torch.from_numpy(x[k]) for k in ("tokens", "token_mask", "adv_tokens",
+                                                                               "adv_mask")), torch.zeros(1, 14))
+    assert hidden.shape == (1, c.prefix_len, 32) and keys.shape[:2] == (1, 1) and kv_mask.shape == (1, c.prefix_len)
