@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from recap_ros.export import cli  # noqa: E402
 from recap_ros.export.dataset import RecapDataset  # noqa: E402

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from recap_ros.imaging import encode_jpeg  # noqa: E402
 from recap_ros.station import load_station  # noqa: E402

@@ -6,13 +6,10 @@ and roll-out speed relative to real time. Prints ms p50/p99 and ratios measured 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from recap_ros.imaging import encode_jpeg  # noqa: E402
 from recap_ros.sim import Expert, SimEnv  # noqa: E402

@@ -1,0 +1,134 @@
+"""One RECAP iteration on the sim station, measured: SFT policy -> collect with the scripted corrector -> train V ->
+label -> retrain the policy from the SAME SFT checkpoint with advantage conditioning -> evaluate before/after.
+
+    .venv/bin/python bench/recap_iteration.py [--sft sim_policy] [--demos demos.npz] [--collect 150] [--eval 100]
+                                              [--quick] [--workdir /tmp/recap_it]
+
+Collection and evaluation are ROS-free roll-outs at simulation speed (recap_ros.recap.rollout: the station's
+chunk executor and teleop mux, the sim's corrector taking over when the policy stalls or is about to break a
+keep-out rule). Collected episodes are written as a frames cache (.npz), then go through the same code paths as
+`recap-train-value`, `recap-label` and `recap-train-policy`. Evaluation is autonomous (no corrector) on the same
+held-out seeds before and after, with "Advantage: positive" (beta = 1) and optionally CFG (--beta).
+Prints success rate and throughput (successes per hour of simulated station time) before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sim_policy_eval import HELD_OUT_SEED, evaluate, report, wilson
+
+COLLECT_SEED = 2_000_000
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sft", default="sim_policy", help="the SFT policy bundle = the checkpoint both runs start from")
+    p.add_argument("--demos", default=None, help="demonstration frames (.npz) added to the training data")
+    p.add_argument("--collect", type=int, default=150, help="episodes collected with the corrector")
+    p.add_argument("--eval", type=int, default=100, help="held-out evaluation episodes (before and after)")
+    p.add_argument("--stride", type=int, default=5, help="record a training frame every N ticks")
+    p.add_argument("--value-steps", type=int, default=1500)
+    p.add_argument("--policy-steps", type=int, default=1500)
+    p.add_argument("--positive-fraction", type=float, default=0.4)
+    p.add_argument("--beta", type=float, default=None, help="also evaluate the retrained policy with CFG at beta")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workdir", default="/tmp/recap_iteration")
+    p.add_argument("--quick", action="store_true", help="10 collected, 10 eval episodes, 50 training steps")
+    a = p.parse_args(argv)
+    import torch
+
+    from recap_ros.policy import load_policy
+    from recap_ros.recap import advantage
+    from recap_ros.recap.cli import plot_values
+    from recap_ros.recap.data import concat, load_frames_npz, save_frames
+    from recap_ros.recap.dataset_io import apply_labels, load_frames, write_labels
+    from recap_ros.recap.rollout import Roller, rollouts
+    from recap_ros.recap.train_policy import train_policy
+    from recap_ros.recap.train_value import train_value
+    from recap_ros.recap.value import predict_values
+    from recap_ros.station import load_station
+
+    torch.set_num_threads(a.threads)
+    if a.quick:
+        a.collect, a.eval, a.value_steps, a.policy_steps = 10, 10, 50, 50
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    # 1. the SFT policy on held-out seeds
+    before, wall_b = evaluate(a.sft, a.eval, HELD_OUT_SEED, desc="eval before")
+    report("before (SFT)", before, wall_b)
+
+    # 2. collect with the corrector intervening
+    station = load_station("sim")
+    policy = load_policy(a.sft, backend="auto")
+    roller = Roller(station, policy.info.image_size, policy, corrector=True)
+    coll = rollouts(roller, range(COLLECT_SEED, COLLECT_SEED + a.collect), record=True, frame_stride=a.stride,
+                    desc="collect")
+    corrected = sum(e.interventions > 0 for e in coll.episodes)
+    print(f"collected {coll.n} episodes: {coll.successes} successes ({corrected} with corrector interventions), "
+          f"reasons {coll.reasons()}")
+    rollout_frames = concat([e.frames for e in coll.episodes])
+    data_path = work / "iteration_data.npz"
+    parts = [rollout_frames] + ([load_frames_npz(a.demos)] if a.demos else [])
+    save_frames(concat(parts), data_path)
+
+    # 3. V on all data (as recap-train-value does)
+    frames = load_frames(data_path, policy.info.image_size)
+    print(f"training data: {len(frames)} frames, {frames.num_episodes} episodes "
+          f"({int(frames.intervention.sum())} intervention frames)")
+    vmodel, vloss = train_value(frames, work / "value", steps=a.value_steps, batch_size=64, lr=5e-4, device="cpu")
+    print(f"value loss {np.mean(vloss[:20]):.3f} -> {np.mean(vloss[-20:]):.3f}")
+
+    # 4. labels (as recap-label does): N-step advantages, 40 % positive per task, interventions positive
+    v = predict_values(vmodel, frames.images, frames.state, frames.prompts, frames.task_index)
+    lab = advantage.label(v, frames.episode_index, frames.task_index, frames.intervention, frames.max_len,
+                          "finetune", a.positive_fraction, ret=frames.ret, frame_index=frames.frame_index)
+    write_labels(work / "labels.parquet", frames, lab.advantage, lab.indicator, lab.thresholds, "finetune")
+    plots = plot_values(frames, v, work / "plots")
+    auto = ~frames.intervention
+    succ = frames.episode_success
+    print(f"labels: positive {lab.positive_fraction():.3f} overall, {lab.positive_fraction(auto):.3f} of autonomous "
+          f"frames; positive in successful episodes {lab.indicator[succ & auto].mean():.3f}, in failed "
+          f"{lab.indicator[~succ & auto].mean() if (~succ & auto).any() else float('nan'):.3f}; "
+          f"value mean success {v[succ].mean():.3f} / failure {v[~succ].mean() if (~succ).any() else float('nan'):.3f};"
+          f" {len(plots)} plots in {work / 'plots'}")
+
+    # 5. retrain from the SAME SFT checkpoint with advantage conditioning
+    labelled = apply_labels(frames, work / "labels.parquet")
+    _, ploss = train_policy(labelled, work / "policy_it1", init=a.sft, steps=a.policy_steps, batch_size=32,
+                            lr=3e-4, device="cpu", description="RECAP iteration 1 on the sim station")
+    print(f"policy loss {np.mean(ploss[:20]):.4f} -> {np.mean(ploss[-20:]):.4f}")
+
+    # 6. evaluate on the same held-out seeds
+    after, wall_a = evaluate(str(work / "policy_it1"), a.eval, HELD_OUT_SEED, desc="eval after")
+    report("after (RECAP it. 1, beta 1)", after, wall_a)
+    results = {"before": before, "after": after}
+    if a.beta:
+        cfg, wall_c = evaluate(str(work / "policy_it1"), a.eval, HELD_OUT_SEED, beta=a.beta, desc="eval cfg")
+        report(f"after (RECAP it. 1, beta {a.beta})", cfg, wall_c)
+        results[f"after_beta{a.beta}"] = cfg
+    print("\n=== RECAP iteration on the sim station (same held-out seeds) ===")
+    for name, s in results.items():
+        lo, hi = wilson(s.successes, s.n)
+        print(f"{name:>16}: success {s.success_rate:.3f} [{lo:.2f}, {hi:.2f}] ({s.successes}/{s.n}), "
+              f"throughput {s.throughput_per_hour:.1f} successes/h")
+    print(f"ratio after/before: success {after.success_rate / max(before.success_rate, 1e-9):.2f}x, "
+          f"throughput {after.throughput_per_hour / max(before.throughput_per_hour, 1e-9):.2f}x; "
+          f"total wall {time.perf_counter() - t_start:.0f} s")
+    (work / "results.json").write_text(json.dumps({k: {"success_rate": s.success_rate, "n": s.n,
+                                                        "throughput_per_hour": s.throughput_per_hour,
+                                                        "reasons": s.reasons()} for k, s in results.items()},
+                                                   indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
