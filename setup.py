@@ -52,6 +52,7 @@ setup(
         "pyyaml>=6",
         "opencv-python-headless>=4.9",
         "rosbags>=0.10",
+        "mcap>=1.2",
         "torch==2.13.0",
         "onnx>=1.16",
         "onnxruntime>=1.18",

@@ -1,6 +1,7 @@
 """recap-bag-repair (ROS-free): a recorder process killed with SIGKILL mid-episode leaves a bag that rosbags
-cannot open; repair makes it readable with at most flush_period_s (<= 1 s) of data lost. Also: a tail torn at
-any byte, a complete bag (MCAP untouched), and clear errors for things that are not bags."""
+cannot open; repair makes it readable with at most flush_period_s (<= 1 s) of data lost, the original kept as
+``.orig``. Also: a tail torn at any byte, a summary torn, a complete bag (MCAP untouched), a corrupt chunk, and
+clear errors for things that are not bags."""
 import os
 import shutil
 import signal
@@ -11,10 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from mcap.reader import make_reader
+from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import Reader
 
 from recap_ros.recording import BagError, BagWriter, EpisodeFacts
 from recap_ros.recording.bag import typestore
+from recap_ros.recording import repair
 from recap_ros.recording.repair import main, repair_bag, scan_mcap
 
 TS = typestore()
@@ -84,6 +88,7 @@ def test_sigkill_recorder_process_then_repair(tmp_path):
         with Reader(bag):
             pass
     assert main([str(bag)]) == 0
+    assert (bag / f"{bag.name}.mcap.orig").stat().st_size > 0  # the torn original, kept
     got = frame_ids(bag)
     due = [i for i, ns in sent if ns <= kill_ns - 1_000_000_000]
     assert len(due) > 60
@@ -127,6 +132,7 @@ def test_repair_torn_tail_at_any_offset(tmp_path):
         with open(bag / mcap.name, "r+b") as f:
             f.truncate(cut)
         result = repair_bag(bag)
+        assert result.repaired_mcap and result.backup.read_bytes() == mcap.read_bytes()[:cut]
         with Reader(bag) as rd:
             msgs = [(c.topic, t, bytes(raw)) for c, t, raw in rd.messages()]
             assert rd.message_count == len(msgs) == result.messages
@@ -135,6 +141,50 @@ def test_repair_torn_tail_at_any_offset(tmp_path):
         assert len(msgs) >= previous
         previous = len(msgs)
     assert previous == 400
+    with AnyReader([bag], default_typestore=TS) as rd:  # the last one: every message deserializes
+        assert [int(rd.deserialize(raw, c.msgtype).data[:5]) for c, _, raw in rd.messages()] == list(range(400))
+
+
+def test_repaired_file_is_a_complete_indexed_mcap_with_the_original_records(tmp_path):
+    src = _unfinished_bag(tmp_path)
+    mcap = src / f"{src.name}.mcap"
+    before = scan_mcap(mcap)
+    cut = before.chunks[7].end + 3  # torn inside the 8th chunk's message index
+    with open(mcap, "r+b") as f:
+        f.truncate(cut)
+    result = repair_bag(src)
+    assert result.bytes_cut == 3 and result.messages == 160 and result.backup.name == f"{mcap.name}.orig"
+    with open(mcap, "rb") as f:
+        reader = make_reader(f)
+        header, summary = reader.get_header(), reader.get_summary()
+        assert header.profile == "ros2" and "recap-bag-repair" in header.library
+        assert {c.id: (c.topic, c.schema_id, c.metadata) for c in summary.channels.values()} == {
+            c.id: (c.topic, c.schema_id, c.metadata) for c in before.channels.values()}
+        assert {s.id: (s.name, s.data) for s in summary.schemas.values()} == {
+            s.id: (s.name, s.data) for s in before.schemas.values()}
+        assert summary.statistics.message_count == 160
+        assert {c.compression for c in summary.chunk_indexes} == {"zstd"}
+        assert all(c.message_index_offsets for c in summary.chunk_indexes)
+        assert [m.log_time for _, _, m in reader.iter_messages()] == list(range(1000, 1160))
+    after = scan_mcap(mcap)
+    assert after.complete and after.message_count == 160 and after.time_range() == (1000, 1159)
+
+
+def test_finished_bag_with_torn_summary_keeps_every_record(tmp_path):
+    bag = tmp_path / "sim_20250101-000000_ep0002"
+    with BagWriter(bag, EpisodeFacts("sim", 2, outcome="failure").custom_data()) as w:
+        for i in range(30):
+            w.write("/a", "std_msgs/msg/String", TS.serialize_cdr(TS.types["std_msgs/msg/String"](data=str(i)),
+                                                                 "std_msgs/msg/String"), 10 + i)
+    mcap = bag / f"{bag.name}.mcap"
+    data = mcap.read_bytes()
+    mcap.write_bytes(data[:-10])
+    r = repair_bag(bag)
+    assert r.repaired_mcap and r.messages == 30 and r.custom_data["recap.outcome"] == "failure"
+    with open(mcap, "rb") as f:
+        assert [m.name for m in make_reader(f).iter_metadata()] == ["rosbag2"]  # rosbags' own record, carried
+    with Reader(bag) as rd:
+        assert rd.message_count == 30 and len(list(rd.messages())) == 30
 
 
 def test_complete_bag_mcap_untouched_metadata_rebuilt(tmp_path):
@@ -150,6 +200,62 @@ def test_complete_bag_mcap_untouched_metadata_rebuilt(tmp_path):
     assert (bag / f"{bag.name}.mcap").read_bytes() == mcap
     with Reader(bag) as rd:
         assert rd.message_count == 50 and len(list(rd.messages())) == 50
+
+
+def test_corrupt_chunk_stops_repair_and_a_finished_file_is_left_alone(tmp_path):
+    src = _unfinished_bag(tmp_path)
+    mcap = src / f"{src.name}.mcap"
+    bad = scan_mcap(mcap).chunks[4]
+    data = bytearray(mcap.read_bytes())
+    data[bad.start + 60:bad.start + 80] = b"\xff" * 20  # inside its zstd data
+    mcap.write_bytes(bytes(data))
+    assert "ZstdError" in scan_mcap(mcap).error
+    assert repair_bag(src).messages == 80  # the 4 chunks before it; the rest stays in the .orig
+    assert (src / f"{mcap.name}.orig").read_bytes() == bytes(data)
+
+    bag = tmp_path / "sim_20250101-000000_ep0003"
+    with BagWriter(bag, EpisodeFacts("sim", 3).custom_data(), flush_period_s=0.0) as w:
+        for i in range(60):
+            w.write("/a", "std_msgs/msg/String", TS.serialize_cdr(TS.types["std_msgs/msg/String"](data=str(i) * 9),
+                                                                 "std_msgs/msg/String"), 10 + i)
+            if i % 20 == 19:
+                w.flush()
+    mcap = bag / f"{bag.name}.mcap"
+    bad = scan_mcap(mcap).chunks[1]
+    data = bytearray(mcap.read_bytes())
+    data[bad.start + 60:bad.start + 70] = b"\xff" * 10
+    mcap.write_bytes(bytes(data))
+    with pytest.raises(BagError, match="finished MCAP with a corrupt record"):
+        repair_bag(bag)
+    assert mcap.read_bytes() == data and not (bag / f"{mcap.name}.orig").exists()
+
+
+def test_an_unrelated_backup_is_never_overwritten(tmp_path):
+    src = _unfinished_bag(tmp_path, n=40)
+    mcap = src / f"{src.name}.mcap"
+    (src / f"{mcap.name}.orig").write_bytes(b"someone's file")
+    torn = mcap.read_bytes()
+    with pytest.raises(BagError, match=r"\.orig already exists"):
+        repair_bag(src)
+    assert mcap.read_bytes() == torn and (src / f"{mcap.name}.orig").read_bytes() == b"someone's file"
+    assert not list(src.glob("*.tmp"))
+
+
+def test_a_bag_still_being_written_is_left_alone(tmp_path, monkeypatch):
+    src = _unfinished_bag(tmp_path, n=40)
+    mcap = src / f"{src.name}.mcap"
+    real_write = repair._write_mcap
+
+    def recorder_writes_meanwhile(scan, out):
+        real_write(scan, out)
+        with open(mcap, "ab") as f:
+            f.write(b"\x06more")
+
+    monkeypatch.setattr(repair, "_write_mcap", recorder_writes_meanwhile)
+    torn = mcap.read_bytes()
+    with pytest.raises(BagError, match="grew while being repaired"):
+        repair_bag(src)
+    assert mcap.read_bytes() == torn + b"\x06more" and not list(src.glob("*.orig")) + list(src.glob("*.tmp"))
 
 
 def test_not_a_bag_is_a_clear_error(tmp_path, capsys):

@@ -2,15 +2,22 @@
 
 A recorder killed mid-episode leaves ``<bag>/<bag>.mcap`` without summary and footer (rosbags' reader needs the
 footer: "File end magic is invalid") and a preliminary metadata.yaml without message counts. The recorder
-flushes complete zstd chunks every ``flush_period_s``, each followed by its message-index records, so the file
-is always a valid data section plus at most one torn record. Repair, in place:
+flushes complete zstd chunks every ``flush_period_s``, so the file is a valid data section plus at most one torn
+record. Repair, with the maintained ``mcap`` library doing all MCAP reading and writing:
 
-1. scan the records from the start, checking every chunk (length, decompression, size, CRC);
-2. cut the file after the last complete chunk, rebuilding that chunk's message index if it was torn;
-3. append DataEnd, a summary (schemas, channels, chunk indexes, statistics, summary offsets) and the footer,
-   the layout rosbags' MCAP writer produces;
-4. rebuild metadata.yaml from the scan (topics, QoS, counts, times), keeping the episode facts (custom_data)
-   of the preliminary one and adding ``recap.repaired``.
+1. stream the records from the start (``mcap.stream_reader``), decompressing every chunk, and stop at the first
+   torn or corrupt record (a chunk counts whole or not at all);
+2. write what came before it (header profile, schemas, channels, messages, metadata, attachments) as a new
+   complete MCAP (``mcap.writer``: zstd chunks, message and chunk indexes, statistics, summary, footer) to
+   ``<bag>.mcap.tmp`` next to the original, fsync it, keep the original as ``<bag>.mcap.orig`` (a hard link, so
+   no copy is made) and atomically rename the new file over ``<bag>.mcap``;
+3. rebuild metadata.yaml from the records read (topics, QoS, counts, times), keeping the episode facts
+   (custom_data) of the preliminary one and adding ``recap.repaired``.
+
+Why ``.orig`` is kept: a crashed episode is real robot time; repair drops the torn tail (up to
+``flush_period_s`` of data) and any records after a corrupt one, which only a specialist could still recover
+from the original bytes. So the original is never deleted: delete ``<bag>.mcap.orig`` by hand once the repaired
+bag is checked (readers ignore it: the bag's storage file is the ``.mcap`` named in metadata.yaml).
 
 A bag whose MCAP is complete only gets its metadata.yaml rebuilt (``ros2 bag reindex`` equivalent).
 """
@@ -20,172 +27,120 @@ import argparse
 import os
 import struct
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from zlib import crc32
+from typing import BinaryIO
 
+import zstandard  # the mcap library's zstd backend: its decompression error type
+from mcap.data_stream import ReadDataStream
+from mcap.exceptions import McapError
+from mcap.reader import SeekingReader
+from mcap.records import Attachment, Channel, Chunk, DataEnd, Header, McapRecord, Message, Metadata, Schema
+from mcap.stream_reader import StreamReader, breakup_chunk, read_magic
+from mcap.writer import LIBRARY_IDENTIFIER, CompressionType, Writer
 from rosbags.rosbag2 import Reader
 from rosbags.rosbag2.metadata import parse_qos
 
-from recap_ros.recording.bag import (K_END, K_END_REASON, K_REPAIRED, BagError, TopicRecord, metadata_document,
-                                     read_metadata, typestore, write_metadata)
+from recap_ros.recording.bag import (K_END, K_END_REASON, K_REPAIRED, BagError, TopicRecord, _fsync,
+                                     metadata_document, read_metadata, typestore, write_metadata)
 
-MAGIC = b"\x89MCAP0\r\n"
-OP_HEADER, OP_FOOTER, OP_SCHEMA, OP_CHANNEL, OP_MESSAGE, OP_CHUNK = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06
-OP_MESSAGE_INDEX, OP_CHUNK_INDEX, OP_STATISTICS, OP_SUMMARY_OFFSET, OP_DATA_END = 0x07, 0x08, 0x0B, 0x0E, 0x0F
-FOOTER_LEN = 1 + 8 + 20 + len(MAGIC)
-
-
-def _zstd_decompress(data: bytes) -> bytes:
-    if sys.version_info >= (3, 14):
-        from compression import zstd
-    else:
-        from backports import zstd  # rosbags' own zstd dependency
-    return zstd.decompress(data)
+PROFILE = "ros2"  # rosbag2's MCAP profile; used when the header itself was torn
+# What a torn or corrupt record raises inside the mcap library: EndOfFile and its other errors, short fields
+# (struct), bad UTF-8 or CRC (ValueError), a truncated zstd frame, a truncated lz4 frame (RuntimeError).
+_TORN = (McapError, struct.error, ValueError, zstandard.ZstdError, RuntimeError)
 
 
-def _decompress(data: bytes, compression: str) -> bytes:
-    if compression == "":
-        return data
-    if compression == "zstd":
-        return _zstd_decompress(data)
-    if compression == "lz4":
-        from lz4.frame import decompress  # rosbags dependency
+@dataclass(frozen=True)
+class ChunkSpan:
+    """One complete chunk record of the data section."""
 
-        return decompress(data)
-    raise ValueError(f"unsupported chunk compression '{compression}'")
-
-
-class _Buf:
-    """Little-endian MCAP field reader over one record body."""
-
-    def __init__(self, data: bytes | memoryview):
-        self.data, self.pos = memoryview(data), 0
-
-    def take(self, n: int) -> memoryview:
-        if self.pos + n > len(self.data):
-            raise ValueError("record shorter than its fields")
-        out = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return out
-
-    def u16(self) -> int:
-        return struct.unpack("<H", self.take(2))[0]
-
-    def u32(self) -> int:
-        return struct.unpack("<I", self.take(4))[0]
-
-    def u64(self) -> int:
-        return struct.unpack("<Q", self.take(8))[0]
-
-    def string(self) -> str:
-        return bytes(self.take(self.u32())).decode()
-
-    def bytes32(self) -> bytes:
-        return bytes(self.take(self.u32()))
-
-    def string_map(self) -> dict[str, str]:
-        sub, out = _Buf(self.take(self.u32())), {}
-        while sub.pos < len(sub.data):
-            k = sub.string()
-            out[k] = sub.string()
-        return out
-
-
-def _record(op: int, body: bytes) -> bytes:
-    return bytes([op]) + struct.pack("<Q", len(body)) + body
-
-
-def _string(s: str) -> bytes:
-    b = s.encode()
-    return struct.pack("<I", len(b)) + b
-
-
-@dataclass
-class _Chunk:
     start: int  # file offset of the chunk record
-    length: int  # whole record, opcode and length included
-    start_time: int
-    end_time: int
+    end: int  # file offset after it
     compression: str
-    compressed_size: int
-    uncompressed_size: int
-    index: dict[int, list[tuple[int, int]]]  # channel -> [(log_time, offset in chunk)] rebuilt from its content
-    index_offsets: dict[int, int] = field(default_factory=dict)  # channel -> file offset of its MessageIndex
-    index_end: int = 0  # file offset after its MessageIndex records
+    messages: int
 
-    @property
-    def end(self) -> int:
-        return self.start + self.length
 
-    @property
-    def indexed(self) -> bool:
-        return set(self.index_offsets) == set(self.index)
+class _Walk:
+    """Iterating yields the data section's content records in file order (header, schemas, channels, messages,
+    metadata, attachments; chunks broken up, each whole or not at all), stopping quietly at the first torn or
+    corrupt record. Afterwards: ``end`` (offset after the last complete data-section record), ``complete``
+    (the footer and closing magic were read), ``error`` (why it stopped early), ``chunks``."""
+
+    def __init__(self, f: BinaryIO, size: int):
+        self.f, self.size = f, size
+        self.end, self.complete, self.error = 8, False, ""
+        self.chunks: list[ChunkSpan] = []
+
+    def __iter__(self) -> Iterator[McapRecord]:
+        f = self.f
+        f.seek(8)  # after the magic, checked by scan_mcap
+        records = StreamReader(f, skip_magic=True, emit_chunks=True, record_size_limit=self.size).records
+        schemas, channels = {0}, set()  # schema id 0: no schema
+        in_data, start = True, f.tell()
+        try:
+            for record in records:
+                end = f.tell()
+                if not in_data:
+                    pass  # summary section: only read to find the footer
+                elif isinstance(record, DataEnd):
+                    in_data, self.end = False, end
+                else:
+                    if (start == 8) != isinstance(record, Header):
+                        raise ValueError(f"the header must be the first record and only there, found "
+                                         f"{type(record).__name__}")
+                    inner = breakup_chunk(record, validate_crc=True) if isinstance(record, Chunk) else [record]
+                    for r in inner:  # references checked, so that the copy is a valid MCAP
+                        if isinstance(r, Schema):
+                            schemas.add(r.id)
+                        elif isinstance(r, Channel) and r.schema_id in schemas:
+                            channels.add(r.id)
+                        elif isinstance(r, Channel) or (isinstance(r, Message) and r.channel_id not in channels):
+                            raise ValueError(f"{type(r).__name__} refers to an undefined schema/channel")
+                    if isinstance(record, Chunk):
+                        self.chunks.append(ChunkSpan(start, end, record.compression,
+                                                     sum(isinstance(r, Message) for r in inner)))
+                    yield from (r for r in inner if isinstance(r, (Header, Schema, Channel, Message, Metadata,
+                                                                   Attachment)))
+                    self.end = end
+                start = end
+            self.complete = True
+        except _TORN as e:
+            self.error = f"{type(e).__name__} at offset {start}: {e}"
 
 
 @dataclass
 class McapScan:
     path: Path
     size: int
-    complete: bool  # has a valid footer: only metadata.yaml needs rebuilding
-    schemas: dict[int, tuple[str, str, bytes]] = field(default_factory=dict)  # id -> name, encoding, data
-    channels: dict[int, tuple[int, str, str, dict[str, str]]] = field(default_factory=dict)
-    chunks: list[_Chunk] = field(default_factory=list)
-    data_end: int = 0  # offset after the last good record
-    has_header: bool = False
-    torn_bytes: int = 0
-
-    def counts(self) -> dict[int, int]:
-        out = {cid: 0 for cid in self.channels}
-        for c in self.chunks:
-            for cid, msgs in c.index.items():
-                out[cid] = out.get(cid, 0) + len(msgs)
-        return out
+    complete: bool  # has a valid summary and footer: only metadata.yaml needs rebuilding
+    header: Header | None = None
+    schemas: dict[int, Schema] = field(default_factory=dict)
+    channels: dict[int, Channel] = field(default_factory=dict)
+    counts: dict[int, int] = field(default_factory=dict)  # channel id -> messages
+    chunks: list[ChunkSpan] = field(default_factory=list)
+    start_ns: int = 0  # first and last message log time (0, 0 without messages)
+    end_ns: int = 0
+    data_end: int = 8  # offset after the last complete data-section record (DataEnd included)
+    torn_bytes: int = 0  # bytes after data_end (a torn record, a partial summary) that a repair does not copy
+    error: str = ""  # why reading stopped before the footer
 
     @property
     def message_count(self) -> int:
-        return sum(self.counts().values())
+        return sum(self.counts.values())
 
     def time_range(self) -> tuple[int, int]:
-        chunks = [c for c in self.chunks if c.index]
-        if not chunks:
-            return 0, 0
-        return min(c.start_time for c in chunks), max(c.end_time for c in chunks)
+        return self.start_ns, self.end_ns
 
 
-def _has_footer(f, size: int) -> bool:
-    if size < len(MAGIC) + FOOTER_LEN:
+def _has_summary(f: BinaryIO, size: int) -> bool:
+    """Whether the file ends with a footer and summary a reader can use (what makes an MCAP finished)."""
+    f.seek(0)
+    try:
+        SeekingReader(f, record_size_limit=size).get_summary()
+    except (*_TORN, OSError):  # OSError: a file shorter than the footer
         return False
-    f.seek(size - FOOTER_LEN)
-    tail = f.read(FOOTER_LEN)
-    return tail[-8:] == MAGIC and tail[0] == OP_FOOTER and struct.unpack("<Q", tail[1:9])[0] == 20
-
-
-def _parse_chunk(body: bytes, start: int, length: int, scan: McapScan) -> _Chunk:
-    b = _Buf(body)
-    start_time, end_time, usize, crc = b.u64(), b.u64(), b.u64(), b.u32()
-    compression = b.string()
-    csize = b.u64()
-    raw = _decompress(bytes(b.take(csize)), compression)
-    if len(raw) != usize or (crc and crc32(raw) != crc):
-        raise ValueError("chunk size or CRC mismatch")
-    index: dict[int, list[tuple[int, int]]] = {}
-    inner = _Buf(raw)
-    while inner.pos < len(raw):
-        offset = inner.pos
-        op = inner.take(1)[0]
-        rec = _Buf(inner.take(inner.u64()))
-        if op == OP_SCHEMA:
-            sid = rec.u16()
-            scan.schemas[sid] = (rec.string(), rec.string(), rec.bytes32())
-        elif op == OP_CHANNEL:
-            cid, sid = rec.u16(), rec.u16()
-            scan.channels[cid] = (sid, rec.string(), rec.string(), rec.string_map())
-        elif op == OP_MESSAGE:
-            cid = rec.u16()
-            rec.u32()
-            index.setdefault(cid, []).append((rec.u64(), offset))
-    return _Chunk(start, length, start_time, end_time, compression, csize, usize, index)
+    return True
 
 
 def scan_mcap(path: str | os.PathLike) -> McapScan:
@@ -193,141 +148,87 @@ def scan_mcap(path: str | os.PathLike) -> McapScan:
     path = Path(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if f.read(8) != MAGIC:
-            raise BagError(f"{path} is not an MCAP file (bad magic)")
-        scan = McapScan(path, size, complete=_has_footer(f, size), data_end=8)
-        pos = 8
-        f.seek(pos)
-        last: _Chunk | None = None
-        while pos + 9 <= size:
-            f.seek(pos)
-            op = f.read(1)[0]
-            length = struct.unpack("<Q", f.read(8))[0]
-            end = pos + 9 + length
-            if end > size or op in (OP_DATA_END, OP_FOOTER):
-                break  # torn record, or the end of the data section
-            body = f.read(length)
-            try:
-                if (op == OP_HEADER) != (pos == 8):
-                    raise BagError(f"{path}: the first record must be the only header (found 0x{op:02x} at "
-                                   f"offset {pos})")
-                scan.has_header = True
-                if op == OP_SCHEMA:
-                    b = _Buf(body)
-                    sid = b.u16()
-                    scan.schemas[sid] = (b.string(), b.string(), b.bytes32())
-                elif op == OP_CHANNEL:
-                    b = _Buf(body)
-                    cid, sid = b.u16(), b.u16()
-                    scan.channels[cid] = (sid, b.string(), b.string(), b.string_map())
-                elif op == OP_MESSAGE:
-                    raise BagError(f"{path} has messages outside chunks at offset {pos}; only chunked MCAP "
-                                   "(rosbags / rosbag2 default) can be repaired")
-                elif op == OP_CHUNK:
-                    last = _parse_chunk(body, pos, 9 + length, scan)
-                    scan.chunks.append(last)
-                elif op == OP_MESSAGE_INDEX and last is not None and pos == (last.index_end or last.end):
-                    last.index_offsets[_Buf(body).u16()] = pos
-                    last.index_end = end
-            except (ValueError, struct.error, UnicodeDecodeError) as e:
-                if scan.complete:
-                    raise BagError(f"{path}: corrupt record 0x{op:02x} at offset {pos}: {e}") from None
-                break
-            pos = end
-            scan.data_end = pos
-    for c in scan.chunks[:-1]:
-        if not c.indexed:
-            raise BagError(f"{path}: chunk at offset {c.start} lacks message index records; cannot repair it "
-                           "in place")
-    if not scan.complete:
-        scan.torn_bytes = size - scan.data_end
+        try:
+            read_magic(ReadDataStream(f))
+        except _TORN:
+            raise BagError(f"{path} is not an MCAP file (bad magic)") from None
+        scan, walk = McapScan(path, size, complete=False), _Walk(f, size)
+        for r in walk:
+            if isinstance(r, Header):
+                scan.header = r
+            elif isinstance(r, Schema):
+                scan.schemas.setdefault(r.id, r)
+            elif isinstance(r, Channel):
+                scan.channels.setdefault(r.id, r)
+                scan.counts.setdefault(r.id, 0)
+            elif isinstance(r, Message):
+                first = not any(scan.counts.values())
+                scan.counts[r.channel_id] += 1
+                scan.start_ns = r.log_time if first else min(r.log_time, scan.start_ns)
+                scan.end_ns = max(r.log_time, scan.end_ns)
+        if walk.error and _has_summary(f, size):
+            raise BagError(f"{path}: finished MCAP with a corrupt record ({walk.error}); not repairing it")
+    scan.complete, scan.chunks, scan.data_end, scan.error = walk.complete, walk.chunks, walk.end, walk.error
+    scan.torn_bytes = 0 if scan.complete else size - walk.end
     return scan
 
 
-def _message_index_records(chunk: _Chunk, base: int) -> tuple[bytes, dict[int, int]]:
-    out, offsets = bytearray(), {}
-    for cid in sorted(chunk.index):
-        msgs = chunk.index[cid]
-        body = struct.pack("<HI", cid, 16 * len(msgs)) + b"".join(struct.pack("<QQ", t, o) for t, o in msgs)
-        offsets[cid] = base + len(out)
-        out += _record(OP_MESSAGE_INDEX, body)
-    return bytes(out), offsets
+def _write_mcap(scan: McapScan, out: Path) -> None:
+    """Copy the scanned records into a new complete MCAP at ``out`` (ids kept: registered in file order)."""
+    with open(scan.path, "rb") as src, open(out, "wb") as dst:
+        writer = Writer(dst, compression=CompressionType.ZSTD)  # chunk size 1 MiB, like rosbags' writer
+        h = scan.header
+        writer.start(h.profile if h else PROFILE,
+                     f"{h.library if h else 'unknown'}, repaired by recap-bag-repair ({LIBRARY_IDENTIFIER})")
+        schema_ids, channel_ids = {0: 0}, {}
+        for r in _Walk(src, scan.size):
+            if isinstance(r, Schema) and r.id not in schema_ids:
+                schema_ids[r.id] = writer.register_schema(r.name, r.encoding, r.data)
+            elif isinstance(r, Channel) and r.id not in channel_ids:
+                channel_ids[r.id] = writer.register_channel(r.topic, r.message_encoding, schema_ids[r.schema_id],
+                                                            r.metadata)
+            elif isinstance(r, Message):
+                writer.add_message(channel_ids[r.channel_id], r.log_time, r.data, r.publish_time, r.sequence)
+            elif isinstance(r, Metadata):
+                writer.add_metadata(r.name, r.metadata)
+            elif isinstance(r, Attachment):
+                writer.add_attachment(r.create_time, r.log_time, r.name, r.media_type, r.data)
+        writer.finish()
+        dst.flush()
+        os.fsync(dst.fileno())
 
 
-def _finish_mcap(scan: McapScan) -> int:
-    """Cut the torn tail and append index, summary and footer; returns the number of bytes cut."""
-    cut = scan.data_end
-    tail = bytearray()
-    last = scan.chunks[-1] if scan.chunks else None
-    if last is not None and not last.indexed:  # torn inside its message index: rebuild it
-        cut = last.end
-        records, last.index_offsets = _message_index_records(last, cut)
-        tail += records
-        last.index_end = cut + len(records)
-    elif last is not None:
-        cut = max(last.index_end, last.end)
-    if not scan.has_header:  # killed while writing the header: nothing else can follow it
-        cut = 8
-        tail += _record(OP_HEADER, _string("ros2") + _string("recap-bag-repair"))
-    with open(scan.path, "r+b") as f:
-        f.truncate(cut)
-        f.seek(cut)
-        base = cut
-        tail += _record(OP_DATA_END, struct.pack("<I", 0))
-        summary_start = base + len(tail)
-        groups: list[tuple[int, int, int]] = []
-
-        def group(op: int, records: list[bytes]) -> None:
-            nonlocal tail
-            if records:
-                start = base + len(tail)
-                tail += b"".join(records)
-                groups.append((op, start, base + len(tail) - start))
-
-        group(OP_SCHEMA, [_record(OP_SCHEMA, struct.pack("<H", sid) + _string(n) + _string(e)
-                                  + struct.pack("<I", len(d)) + d)
-                          for sid, (n, e, d) in sorted(scan.schemas.items())])
-        group(OP_CHANNEL, [_record(OP_CHANNEL, struct.pack("<HH", cid, sid) + _string(topic) + _string(enc)
-                                   + _map(meta)) for cid, (sid, topic, enc, meta) in sorted(scan.channels.items())])
-        group(OP_CHUNK_INDEX, [_chunk_index(c) for c in scan.chunks])
-        counts = scan.counts()
-        t0, t1 = scan.time_range()
-        stats = (struct.pack("<QHIIIIQQ", sum(counts.values()), len(scan.schemas), len(scan.channels), 0, 0,
-                             len(scan.chunks), t0, t1)
-                 + struct.pack("<I", 10 * len(counts))
-                 + b"".join(struct.pack("<HQ", cid, n) for cid, n in sorted(counts.items())))
-        group(OP_STATISTICS, [_record(OP_STATISTICS, stats)])
-        offsets_start = base + len(tail)
-        for op, start, length in groups:
-            tail += _record(OP_SUMMARY_OFFSET, struct.pack("<BQQ", op, start, length))
-        tail += _record(OP_FOOTER, struct.pack("<QQI", summary_start, offsets_start, 0)) + MAGIC
-        f.write(tail)
-        f.flush()
-        os.fsync(f.fileno())
-    return scan.size - cut
-
-
-def _map(meta: dict[str, str]) -> bytes:
-    body = b"".join(_string(k) + _string(v) for k, v in meta.items())
-    return struct.pack("<I", len(body)) + body
-
-
-def _chunk_index(c: _Chunk) -> bytes:
-    offsets = b"".join(struct.pack("<HQ", cid, off) for cid, off in sorted(c.index_offsets.items()))
-    body = (struct.pack("<QQQQ", c.start_time, c.end_time, c.start, c.length)
-            + struct.pack("<I", len(offsets)) + offsets
-            + struct.pack("<Q", c.index_end - c.end) + _string(c.compression)
-            + struct.pack("<QQ", c.compressed_size, c.uncompressed_size))
-    return _record(OP_CHUNK_INDEX, body)
+def _replace_mcap(scan: McapScan) -> Path:
+    """Write the repaired MCAP next to the original and swap it in atomically; returns the backup's path."""
+    mcap = scan.path
+    tmp, backup = mcap.with_name(mcap.name + ".tmp"), mcap.with_name(mcap.name + ".orig")
+    if backup.exists() and not backup.samefile(mcap):
+        raise BagError(f"{backup} already exists (an earlier repair's original?); move it away, then repair again")
+    try:
+        _write_mcap(scan, tmp)
+        if mcap.stat().st_size != scan.size:
+            raise BagError(f"{mcap} grew while being repaired (is its recorder still running?); left as it was")
+        if not backup.exists():
+            try:
+                os.link(mcap, backup)
+            except OSError:  # a file system without hard links: the name is missing until the next line
+                os.replace(mcap, backup)
+        os.replace(tmp, mcap)
+    except OSError as e:
+        raise BagError(f"cannot write the repaired {mcap}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync(mcap.parent)
+    return backup
 
 
 def _topics(scan: McapScan) -> list[TopicRecord]:
-    counts, ts, out = scan.counts(), typestore(), []
-    for cid, (sid, topic, _enc, meta) in sorted(scan.channels.items()):
-        msgtype = scan.schemas.get(sid, ("",))[0]
+    ts, out = typestore(), []
+    for cid, ch in sorted(scan.channels.items()):
+        msgtype = scan.schemas[ch.schema_id].name if ch.schema_id in scan.schemas else ""
         digest = ts.hash_rihs01(msgtype) if msgtype in ts.fielddefs else ""
-        qos = tuple(parse_qos(meta.get("offered_qos_profiles", "")))
-        out.append(TopicRecord(topic, msgtype, qos, digest, counts.get(cid, 0)))
+        qos = tuple(parse_qos(ch.metadata.get("offered_qos_profiles", "")))
+        out.append(TopicRecord(ch.topic, msgtype, qos, digest, scan.counts[cid]))
     return out
 
 
@@ -335,9 +236,10 @@ def _topics(scan: McapScan) -> list[TopicRecord]:
 class RepairResult:
     bag: Path
     repaired_mcap: bool
-    bytes_cut: int
+    bytes_cut: int  # bytes at the end of the original not carried over (torn record, partial summary)
     messages: int
     custom_data: dict[str, str]
+    backup: Path | None = None  # the original MCAP, kept when it was rewritten
 
 
 def _storage_file(bag: Path) -> Path:
@@ -360,7 +262,7 @@ def repair_bag(bag: str | os.PathLike) -> RepairResult:
         raise BagError(f"{bag} is not a bag directory")
     mcap = _storage_file(bag)
     scan = scan_mcap(mcap)
-    cut = 0 if scan.complete else _finish_mcap(scan)
+    backup = None if scan.complete else _replace_mcap(scan)
     try:
         custom = dict(read_metadata(bag)["rosbag2_bagfile_information"].get("custom_data") or {})
     except BagError:
@@ -373,7 +275,7 @@ def repair_bag(bag: str | os.PathLike) -> RepairResult:
         if not custom.get(K_END_REASON):
             custom[K_END_REASON] = "recorder stopped without closing the bag (repaired)"
     write_metadata(bag, metadata_document(mcap.name, _topics(scan), t0, t1, custom))
-    return RepairResult(bag, not scan.complete, cut, scan.message_count, custom)
+    return RepairResult(bag, not scan.complete, scan.torn_bytes, scan.message_count, custom, backup)
 
 
 def _bags(paths: list[str]) -> list[Path]:
@@ -401,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             failures += 1
             print(f"FAILED {bag}: {e}", file=sys.stderr)
             continue
-        what = f"MCAP finished ({r.bytes_cut} torn bytes cut)" if r.repaired_mcap else "MCAP was complete"
+        what = (f"MCAP finished ({r.bytes_cut} torn bytes cut, original kept as {r.backup.name})" if r.repaired_mcap
+                else "MCAP was complete")
         print(f"ok {bag}: {what}, metadata.yaml rebuilt, {readable} messages readable")
     return 1 if failures else 0
 
