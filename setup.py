@@ -53,6 +53,7 @@ setup(
         "opencv-python-headless>=4.9",
         "rosbags>=0.10",
         "mcap>=1.2",
+        "zstandard>=0.21",
         "torch==2.13.0",
         "onnx>=1.16",
         "onnxruntime>=1.18",

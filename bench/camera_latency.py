@@ -13,6 +13,11 @@ for 448x448 and 640x480 captures (and the bimanual_aloha setting 640x480 -> 448x
 ratios of each scenario to the 448x448 one. On a loaded machine the absolute figures are noisy; the ratios
 within one run are the comparable numbers.
 
+"Hz" is what arrives here. With ``--qos sensor`` (best effort, the default) Fast DDS drops raw frames larger
+than its 512 KiB shared-memory segment (448x448x3 = 588 KiB) while the node publishes every one (compare
+"pub Hz" from the node's diagnostics); ``--qos reliable``, or a Fast DDS profile with a larger SHM
+``segment_size`` (FASTDDS_DEFAULT_PROFILES_FILE), delivers them.
+
     ROS_DOMAIN_ID=.. ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST .venv/bin/python bench/camera_latency.py \
         [--duration 8] [--quick]
 """
@@ -71,7 +76,8 @@ def pct(xs, q) -> float:
     return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
 
-def run_scenario(name, spec, clips_dir: Path, duration: float, warmup: float, fps: float, qos: str, listener):
+def run_scenario(name, spec, clips_dir: Path, duration: float, warmup: float, fps: float, qos: str, threads: int,
+                 listener):
     cw, ch, ow, oh, mode = spec
     clips = [write_clip(clips_dir / f"{name.split()[0]}_{i}.avi", cw, ch, 90, i) for i in range(len(CAMERAS))]
     procs = []
@@ -80,7 +86,8 @@ def run_scenario(name, spec, clips_dir: Path, duration: float, warmup: float, fp
                 "-p", "station:=sim", "-p", f"camera:={cam}", "-p", f"source:=file:{clip}",
                 "-p", f"width:={cw}", "-p", f"height:={ch}", "-p", f"output_width:={ow}",
                 "-p", f"output_height:={oh}", "-p", f"resize:={mode}", "-p", f"fps:={fps}",
-                "-p", "diagnostics_period_s:=0.5", "-p", f"qos:={qos}", "--log-level", "warn"]
+                "-p", "diagnostics_period_s:=0.5", "-p", f"qos:={qos}",
+                "-p", f"opencv_threads:={threads}", "--log-level", "warn"]
         procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     try:
         time.sleep(warmup)
@@ -107,6 +114,7 @@ def run_scenario(name, spec, clips_dir: Path, duration: float, warmup: float, fp
         rows.append(dict(cam=cam, rate=len(lat) / wall, node_p50=float(diag.get("latency_p50_ms", "nan")),
                          node_p99=float(diag.get("latency_p99_ms", "nan")), rx_p50=pct(lat, 50), rx_p99=pct(lat, 99),
                          cpu=cpu, jpeg=result["jpegs"][cam] / wall, dropped=diag.get("dropped_frames", "?"),
+                         pub=float(diag.get("fps", "nan")),
                          decode_cpu=dec * fps / 10.0))
     return rows
 
@@ -165,6 +173,7 @@ class Listener:
 
     def close(self):
         self.executor.shutdown(timeout_sec=2)
+        self.thread.join(timeout=2)
         self.node.destroy_node()
         self.rclpy.try_shutdown()
 
@@ -176,6 +185,7 @@ def main() -> None:
     ap.add_argument("--fps", type=float, default=30.0)
     ap.add_argument("--qos", choices=("sensor", "reliable"), default="sensor", help="node qos parameter "
                     "(the subscriber here matches it)")
+    ap.add_argument("--opencv-threads", type=int, default=1, help="node opencv_threads parameter")
     ap.add_argument("--quick", action="store_true", help="3 s per scenario, 448x448 and 640x480 only")
     a = ap.parse_args()
     scenarios = dict(SCENARIOS)
@@ -185,16 +195,17 @@ def main() -> None:
     listener = Listener(a.qos)
     summary = {}
     print(f"camera_ingest: {len(CAMERAS)} cameras x {a.fps:g} Hz, one process each, JPEG side-stream subscribed, "
-          f"QoS {a.qos}, {a.duration:g} s per scenario, {os.cpu_count()} CPUs")
+          f"QoS {a.qos}, opencv_threads {a.opencv_threads}, {a.duration:g} s per scenario, {os.cpu_count()} CPUs")
     try:
         with tempfile.TemporaryDirectory(prefix="camera_bench_") as tmp:
             for name, spec in scenarios.items():
-                rows = run_scenario(name, spec, Path(tmp), a.duration, a.warmup, a.fps, a.qos, listener)
+                rows = run_scenario(name, spec, Path(tmp), a.duration, a.warmup, a.fps, a.qos, a.opencv_threads,
+                                    listener)
                 print(f"\n{name}: capture {spec[0]}x{spec[1]} -> Image {spec[2]}x{spec[3]} ({spec[4]})")
-                print(f"  {'camera':16s} {'Hz':>6s} {'JPEG Hz':>8s} {'node p50/p99 ms':>16s} "
+                print(f"  {'camera':16s} {'pub Hz':>6s} {'Hz':>6s} {'JPEG Hz':>8s} {'node p50/p99 ms':>16s} "
                       f"{'rx p50/p99 ms':>15s} {'CPU %':>6s} {'decode %':>8s} {'dropped':>7s}")
                 for r in rows:
-                    print(f"  {r['cam']:16s} {r['rate']:6.1f} {r['jpeg']:8.1f} {r['node_p50']:7.2f}/{r['node_p99']:<8.2f}"
+                    print(f"  {r['cam']:16s} {r['pub']:6.1f} {r['rate']:6.1f} {r['jpeg']:8.1f} {r['node_p50']:7.2f}/{r['node_p99']:<8.2f}"
                           f" {r['rx_p50']:6.2f}/{r['rx_p99']:<8.2f} {r['cpu']:6.1f} {r['decode_cpu']:8.1f} "
                           f"{r['dropped']:>7s}")
                 summary[name] = {k: float(np.nanmean([r[k] for r in rows]))
