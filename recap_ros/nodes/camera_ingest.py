@@ -5,7 +5,8 @@ Parameters: ``station`` (name or path), ``camera`` (camera name in the station).
 camera entry (source, width, height, fps, output_width, output_height, resize, jpeg_quality, frame_id,
 camera_info_file, loop) can be overridden by a ROS parameter of the same name; node-only parameters are listed
 in recap_ros.camera.settings.NODE_DEFAULTS (qos: sensor|reliable, timeouts, reconnect backoff, fourcc,
-diagnostics_period_s). Capture, reconnect and health live in recap_ros.camera; this file only wires them.
+diagnostics_period_s, opencv_threads). Capture, reconnect and health live in recap_ros.camera; this file only
+wires them. RTSP over TCP instead of UDP: OPENCV_FFMPEG_CAPTURE_OPTIONS="rtsp_transport;tcp" (per process).
 """
 from __future__ import annotations
 
@@ -65,11 +66,10 @@ class CameraIngest(Node):
         self._info_pub = self.create_publisher(CameraInfo, cam.camera_info_topic, qos)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
 
-        clock = self._now_ns
         slot = FrameSlot()
         self._latency = LatencyWindow()
         self._capture_rate, self._publish_rate = RateMeter(), RateMeter()
-        self.capture = CaptureThread(s, slot, clock, self._log_event)
+        self.capture = CaptureThread(s, slot, self._now_ns, self._log_event)
         self.delivery = Delivery(slot, self._publish, self._latency, self.get_logger().error,
                                  name=f"publish-{s.name}")
         self.create_timer(s.diagnostics_period_s, self._publish_diagnostics)
