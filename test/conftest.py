@@ -1,6 +1,8 @@
 """Test isolation: every test session gets its own ROS domain and localhost-only discovery, so parallel
-sessions (and a station running on the same machine) never see each other's traffic."""
+sessions (and a station running on the same machine) never see each other's traffic. Shared fixtures: rclpy,
+a background executor, a private copy of the ``tiny`` policy bundle."""
 import os
+import shutil
 import threading
 
 import pytest
@@ -43,3 +45,13 @@ def spin(rclpy_context):
         thread.join(timeout=2)
     for n in nodes:
         n.destroy_node()
+
+
+@pytest.fixture
+def tiny_copy(tmp_path):
+    """A private copy of the ``tiny`` policy bundle (without its engine cache) that a test may modify."""
+    from recap_ros.policy.bundle import open_bundle
+
+    d = tmp_path / "tiny"
+    shutil.copytree(open_bundle("tiny").dir, d, ignore=shutil.ignore_patterns("engine_cache"))
+    return d

@@ -2,14 +2,12 @@
 side-stream, CameraInfo and /diagnostics are checked from a subscriber; outage/reconnect; bad input."""
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import threading
 import time
 
 import numpy as np
 import pytest
+from helpers import MessageLog, node_command, start_node, stop_node
 from test_camera_capture import write_video  # test helper: real media written with OpenCV
 
 pytestmark = pytest.mark.ros
@@ -32,37 +30,26 @@ def make_node(**params):
     return camera_ingest.CameraIngest(parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
 
 
-class Listener:
+class Listener(MessageLog):
+    """Records the camera's images, JPEGs, camera infos and /diagnostics."""
+
     def __init__(self, rclpy, name, jpeg=True, cam=CAM):
+        super().__init__()
         self.node, self.cam = rclpy.create_node(name), cam
         topic = f"/cameras/{cam}"
-        self.lock = threading.RLock()
-        self.images, self.jpegs, self.infos, self.diags = [], [], [], []
-        self.node.create_subscription(Image, f"{topic}/image_raw", self._keep(self.images), SENSOR_QOS)
+        self.node.create_subscription(Image, f"{topic}/image_raw", self.callback("images"), SENSOR_QOS)
         if jpeg:
-            self.node.create_subscription(CompressedImage, f"{topic}/image_raw/compressed", self._keep(self.jpegs),
-                                          SENSOR_QOS)
-        self.node.create_subscription(CameraInfo, f"{topic}/camera_info", self._keep(self.infos), SENSOR_QOS)
-        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._keep(self.diags), 10)
+            self.subscribe_jpeg()
+        self.node.create_subscription(CameraInfo, f"{topic}/camera_info", self.callback("infos"), SENSOR_QOS)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self.callback("diags"), 10)
 
-    def _keep(self, store):
-        def cb(msg):
-            with self.lock:
-                store.append(msg)
-        return cb
-
-    def wait(self, predicate, timeout):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            with self.lock:
-                if predicate():
-                    return True
-            time.sleep(0.05)
-        return False
+    def subscribe_jpeg(self):
+        self.node.create_subscription(CompressedImage, f"/cameras/{self.cam}/image_raw/compressed",
+                                      self.callback("jpegs"), SENSOR_QOS)
 
     def last_status(self):
         with self.lock:
-            for arr in reversed(self.diags):
+            for arr in reversed(self.messages("diags")):
                 for st in arr.status:
                     if self.cam in st.name:
                         return st, {kv.key: kv.value for kv in st.values}
@@ -79,9 +66,9 @@ def test_streams_a_video_file_at_the_requested_rate_with_capture_stamps(spin, tm
                      frame_id="cam_test_frame", diagnostics_period_s=0.5, camera_info_file=str(calib))
     ears = Listener(rclpy_context, "camera_test_listener")
     spin(node, ears.node)
-    assert ears.wait(lambda: len(ears.images) >= 45, 12.0), f"only {len(ears.images)} images"
+    assert ears.wait(lambda: ears.count("images") >= 45, 12.0), f"only {ears.count('images')} images"
     with ears.lock:
-        images, jpegs, infos = list(ears.images), list(ears.jpegs), list(ears.infos)
+        images, jpegs, infos = (ears.messages(k) for k in ("images", "jpegs", "infos"))
     stamps = np.array([stamp_to_ns(m.header.stamp) for m in images], dtype=np.int64)
     assert np.all(np.diff(stamps) > 0)
     rate = (len(stamps) - 1) / ((stamps[-1] - stamps[0]) / 1e9)
@@ -119,11 +106,10 @@ def test_jpeg_is_encoded_only_while_subscribed(spin, tmp_path, rclpy_context, mo
                      fps=30.0)
     ears = Listener(rclpy_context, "camera_test_no_jpeg", jpeg=False, cam=cam)
     spin(node, ears.node)
-    assert ears.wait(lambda: len(ears.images) >= 15, 10.0)
+    assert ears.wait(lambda: ears.count("images") >= 15, 10.0)
     assert calls == []
-    ears.node.create_subscription(CompressedImage, f"/cameras/{cam}/image_raw/compressed", ears._keep(ears.jpegs),
-                                  SENSOR_QOS)
-    assert ears.wait(lambda: len(ears.jpegs) >= 3, 10.0)
+    ears.subscribe_jpeg()
+    assert ears.wait(lambda: ears.count("jpegs") >= 3, 10.0)
     assert calls and calls[0] == 85
 
 
@@ -134,23 +120,23 @@ def test_survives_the_source_disappearing_and_reports_the_outage(spin, tmp_path,
                      reconnect_min_s=0.05, reconnect_max_s=0.2, diagnostics_period_s=0.2)
     ears = Listener(rclpy_context, "camera_test_reconnect", jpeg=False)
     spin(node, ears.node)
-    assert ears.wait(lambda: len(ears.images) >= 5, 10.0)
+    assert ears.wait(lambda: ears.count("images") >= 5, 10.0)
     shutil.move(video, hidden)  # the loop restart finds no file: outage
     assert ears.wait(lambda: ears.last_status()[1].get("connected") == "false", 5.0)
     status, values = ears.last_status()
     assert status.level == b"\x02" and "not found" in status.message and "not found" in values["last_error"]
     with ears.lock:
-        n_down = len(ears.images)
+        n_down = ears.count("images")
     time.sleep(0.5)
     with ears.lock:
-        assert len(ears.images) == n_down  # nothing published during the outage
+        assert ears.count("images") == n_down  # nothing published during the outage
     shutil.move(hidden, video)
-    assert ears.wait(lambda: len(ears.images) >= n_down + 10, 10.0)
+    assert ears.wait(lambda: ears.count("images") >= n_down + 10, 10.0)
     assert ears.wait(lambda: ears.last_status()[1].get("reconnects") == "1", 3.0)
     status, values = ears.last_status()
     assert values["connected"] == "true" and float(values["total_outage_s"]) >= 0.5
     with ears.lock:
-        stamps = [stamp_to_ns(m.header.stamp) for m in ears.images]
+        stamps = [stamp_to_ns(m.header.stamp) for m in ears.messages("images")]
     assert all(b > a for a, b in zip(stamps, stamps[1:]))
 
 
@@ -180,23 +166,17 @@ def test_invalid_config_is_refused_with_a_clear_error(rclpy_context, params, wor
         make_node(**params)
 
 
-def _env():
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
 def test_process_refuses_bad_config_without_a_traceback():
-    p = subprocess.run([sys.executable, "-m", "recap_ros.nodes.camera_ingest", "--ros-args", "-p", "station:=sim",
-                        "-p", f"camera:={CAM}", "-p", "source:=/dev/video0", "-p", "fps:=-5.0"],
-                       capture_output=True, text=True, timeout=30, env=_env())
+    p = subprocess.run(node_command("camera_ingest", f"camera:={CAM}", "source:=/dev/video0", "fps:=-5.0"),
+                       capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     out = p.stdout + p.stderr
     assert p.returncode == 2, out
     assert "refusing to start" in out and "ROS parameter 'fps'" in out and "Traceback" not in out
 
 
 def test_process_stops_on_sigint_within_5_s_while_reconnecting():
-    p = subprocess.Popen([sys.executable, "-m", "recap_ros.nodes.camera_ingest", "--ros-args", "-p",
-                          "station:=sim", "-p", f"camera:={CAM}", "-p", "source:=/dev/video_recap_none"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    p = start_node("camera_ingest", f"camera:={CAM}", "source:=/dev/video_recap_none", stdout=subprocess.PIPE,
+                   stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 20
         lines = []
@@ -206,10 +186,7 @@ def test_process_stops_on_sigint_within_5_s_while_reconnecting():
             if "does not exist" in line:
                 break
         assert any("does not exist" in ln for ln in lines), "".join(lines)
-        t = time.monotonic()
-        p.send_signal(signal.SIGINT)
-        p.wait(timeout=5)
-        assert time.monotonic() - t < 5.0 and p.returncode == 0
+        assert stop_node(p) < 5.0 and p.returncode == 0
         assert "Traceback" not in p.stdout.read()
     finally:
         if p.poll() is None:

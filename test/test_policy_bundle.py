@@ -1,7 +1,6 @@
 """Bundle validation, station checks and input errors of recap_ros.policy: every failure is a clear PolicyError."""
 import dataclasses
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -12,13 +11,6 @@ from recap_ros.policy.bundle import open_bundle, random_bundle, write_manifest
 from recap_ros.station import load_station
 
 PROMPT = "touch the red marker with the left gripper"
-
-
-@pytest.fixture
-def tiny_copy(tmp_path):
-    d = tmp_path / "tiny"
-    shutil.copytree(open_bundle("tiny").dir, d, ignore=shutil.ignore_patterns("engine_cache"))
-    return d
 
 
 @pytest.fixture(scope="module")

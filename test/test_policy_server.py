@@ -1,10 +1,10 @@
 """policy_server + cfg_guidance over real rclpy middleware, with a fake policy implementing the runtime contract."""
-import threading
 import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from helpers import MessageLog, wait_for
 
 pytestmark = pytest.mark.ros
 rclpy = pytest.importorskip("rclpy")
@@ -53,14 +53,14 @@ class FakeStation(Node):
         self.q = np.full(N, 0.1)
         self.q[6] = self.q[13] = 0.5
         self.cameras_on = [True] * 3
-        self.commands = []
-        self.lock = threading.Lock()
+        self.received = MessageLog()
         img = np.zeros((24, 32, 3), np.uint8)
         self.cam_pubs = [(self.create_publisher(Image, c.image_topic, rosmsg.SENSOR_QOS), c) for c in STATION.cameras]
         self.img = img
         self.js_pub = self.create_publisher(JointState, STATION.robot.joint_states_topic, rosmsg.COMMAND_QOS)
         self.active_pub = self.create_publisher(String, STATION.mux.active_topic, rosmsg.LATCHED_QOS)
-        self.create_subscription(JointState, STATION.policy.command_topic, self._on_cmd, rosmsg.COMMAND_QOS)
+        self.create_subscription(JointState, STATION.policy.command_topic, self.received.callback("commands"),
+                                 rosmsg.COMMAND_QOS)
         self.create_timer(0.02, self._tick)
 
     def _tick(self):
@@ -70,22 +70,8 @@ class FakeStation(Node):
                 pub.publish(rosmsg.image_msg(self.img, now, cam.frame_id))
         self.js_pub.publish(rosmsg.joint_state_msg(STATION.robot.joint_names, self.q, now))
 
-    def _on_cmd(self, msg):
-        with self.lock:
-            self.commands.append((time.monotonic(), np.array(msg.position)))
-
     def commands_since(self, t0):
-        with self.lock:
-            return [c for t, c in self.commands if t >= t0]
-
-
-def wait_for(cond, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+        return [np.array(m.position) for _, m in self.received.since("commands", t0)]
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """TensorRT backend: engines built from the bundle's ONNX, cached by ONNX hash + GPU + TensorRT version, never stale.
 Runs only where the tensorrt package and a CUDA GPU exist (marked ``gpu``)."""
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -14,13 +13,6 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not tensorrt_available(), reason="needs the tensorrt package and a CUDA GPU")]
 
 PROMPT = "touch the red marker with the left gripper"
-
-
-@pytest.fixture
-def tiny_copy(tmp_path):
-    d = tmp_path / "tiny"
-    shutil.copytree(open_bundle("tiny").dir, d, ignore=shutil.ignore_patterns("engine_cache"))
-    return d
 
 
 def views():

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO, start_node, stop_node, wait_for
 
 from recap_ros.station import load_station
 
@@ -25,23 +26,8 @@ STREAMS = {**{t: 30.0 for t in CAMS}, ST.robot.joint_states_topic: 50.0, ST.robo
 
 
 def start_recorder(out_dir: Path, log_path: Path, *extra: str):
-    log = open(log_path, "w")
-    args = [sys.executable, "-m", "recap_ros.nodes.episode_recorder", "--ros-args", "-p", "station:=sim",
-            "-p", f"output_dir:={out_dir}", "-p", "auto_episodes:=false", "-p", "model:=test_bundle",
-            "-p", "operator:=pytest", "-p", "min_free_disk_mb:=1", "-p", "diagnostics_period_s:=0.2"]
-    for e in extra:
-        args += ["-p", e]
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            cwd=Path(__file__).resolve().parent.parent)
-
-
-def wait_for(cond, timeout=20.0, what=""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what or cond}")
+    return start_node("episode_recorder", f"output_dir:={out_dir}", "auto_episodes:=false", "model:=test_bundle",
+                      "operator:=pytest", "min_free_disk_mb:=1", "diagnostics_period_s:=0.2", *extra, log=log_path)
 
 
 class Feeder:
@@ -96,7 +82,7 @@ class Feeder:
         """Until the recorder subscribed every stream with a matching QoS (and the publishers know it)."""
         wait_for(lambda: all(p.get_subscription_count() >= 1 for p in self.pubs.values())
                  and self.prompt.get_subscription_count() >= 1 and self.intervention.get_subscription_count() >= 1,
-                 what="recorder subscriptions")
+                 20.0, "recorder subscriptions")
         for c in self.srv.values():
             assert c.wait_for_service(timeout_sec=20.0)
 
@@ -105,6 +91,12 @@ class Feeder:
         fut = self.srv[name].call_async(req)
         wait_for(fut.done, 30.0, f"~/{name} response")
         return fut.result()
+
+    def start_episode(self) -> Path:
+        """~/start; the new episode's bag."""
+        r = self.call("start")
+        assert r.success, r.message
+        return Path(r.message)
 
     def start_streams(self) -> None:
         self._stop.clear()
@@ -156,16 +148,24 @@ def feeder(rclpy_context, spin):
     return f
 
 
-def test_round_trip_services_and_labels(feeder, tmp_path):
+@pytest.fixture
+def recorder(tmp_path):
+    """(the recorder process writing episodes to tmp_path/bags, that folder); killed at teardown if still alive."""
     out = tmp_path / "bags"
     proc = start_recorder(out, tmp_path / "recorder.log")
+    yield proc, out
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_round_trip_services_and_labels(feeder, recorder, tmp_path):
+    proc, out = recorder
     try:
         feeder.publish_state("touch the red marker with the left gripper", 2.0, False)
         feeder.wait_matched()
         assert not feeder.call("label", True).success  # nothing recorded yet: clear refusal
-        r = feeder.call("start")
-        assert r.success, r.message
-        bag = Path(r.message)
+        bag = feeder.start_episode()
         assert bag.parent == out and bag.name.startswith("sim_") and bag.name.endswith("_ep0000")
         again = feeder.call("start")
         assert not again.success and "already recording" in again.message
@@ -182,21 +182,19 @@ def test_round_trip_services_and_labels(feeder, tmp_path):
         assert r.success, r.message
         assert not feeder.call("stop").success
         assert feeder.call("label", False).success  # after stop: labels the finished bag
-        wait_for(lambda: feeder.diag and feeder.diag[-1]["recording"] == "False", what="idle diagnostics")
+        wait_for(lambda: feeder.diag and feeder.diag[-1]["recording"] == "False", 20.0, "idle diagnostics")
         assert feeder.diag[-1]["dropped_total"] == "0"
-        r = feeder.call("start")  # a second episode, interrupted by SIGINT: closed cleanly
-        assert r.success and r.message.endswith("_ep0001"), r.message
-        second = Path(r.message)
+        second = feeder.start_episode()  # a second episode, interrupted by SIGINT: closed cleanly
+        assert second.name.endswith("_ep0001"), second
         first_sent = {t: list(v) for t, v in feeder.sent.items()}
         feeder.start_streams()
         time.sleep(0.5)
     finally:
         if feeder._thread is not None and feeder._thread.is_alive():
             feeder.stop_streams()
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == 0, (tmp_path / "recorder.log").read_text()[-3000:]
-        assert time.monotonic() - t0 < 5.0
+        took = stop_node(proc)
+        assert proc.returncode == 0, (tmp_path / "recorder.log").read_text()[-3000:]
+        assert took < 5.0
     got2, custom2, _ = read_bag(second)  # readable without repair: the node finished the bag on SIGINT
     assert custom2["recap.end_reason"] == "shutdown" and len(got2[ST.robot.joint_states_topic]) > 5
     feeder.sent = first_sent
@@ -229,35 +227,28 @@ def test_unwritable_output_dir_is_refused_clearly(feeder, tmp_path):
         assert not r.success and str(blocker / "bags") in r.message
         assert not feeder.call("stop").success
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == 0
+        stop_node(proc)
+        assert proc.returncode == 0
 
 
-def test_sigkill_mid_episode_then_repair_keeps_all_but_the_last_second(feeder, tmp_path):
-    out = tmp_path / "bags"
-    proc = start_recorder(out, tmp_path / "recorder.log")
-    try:
-        feeder.publish_state("crash test", 1.0, False)
-        feeder.wait_matched()
-        r = feeder.call("start")
-        assert r.success, r.message
-        bag = Path(r.message)
-        feeder.start_streams()
-        time.sleep(3.0)
-        kill_ns = time.time_ns()
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        feeder.stop_streams()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+def test_sigkill_mid_episode_then_repair_keeps_all_but_the_last_second(feeder, recorder):
+    proc, out = recorder
+    feeder.publish_state("crash test", 1.0, False)
+    feeder.wait_matched()
+    bag = feeder.start_episode()
+    feeder.start_streams()
+    time.sleep(3.0)
+    kill_ns = time.time_ns()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    feeder.stop_streams()
     from rosbags.rosbag2 import Reader
 
     with pytest.raises(Exception):  # unfinished: no summary/footer, no counts
         with Reader(bag) as rd:
             list(rd.messages())
     rep = subprocess.run([sys.executable, "-m", "recap_ros.recording.repair", str(out)], capture_output=True,
-                         text=True, cwd=Path(__file__).resolve().parent.parent, timeout=60)
+                         text=True, cwd=REPO, timeout=60)
     assert rep.returncode == 0, rep.stderr
     assert "ok " in rep.stdout and "MCAP finished" in rep.stdout
     got, custom, _ = read_bag(bag)
@@ -275,10 +266,7 @@ def test_sim_station_auto_episodes(feeder, tmp_path):
     the end event, with the rendered JPEG cameras, joint states, prompt and both events."""
     from std_srvs.srv import Trigger
 
-    root = Path(__file__).resolve().parent.parent
-    sim_log = open(tmp_path / "sim.log", "w")
-    sim = subprocess.Popen([sys.executable, "-m", "recap_ros.nodes.sim_robot", "--ros-args", "-p", "station:=sim"],
-                           stdout=sim_log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+    sim = start_node("sim_robot", log=tmp_path / "sim.log")
     rec = start_recorder(tmp_path / "bags", tmp_path / "recorder.log", "auto_episodes:=true")
     reset = feeder.node.create_client(Trigger, "/sim_robot/reset")
     try:
@@ -289,10 +277,10 @@ def test_sim_station_auto_episodes(feeder, tmp_path):
         wait_for(fut.done, 10, "sim reset")
         wait_for(lambda: feeder.diag[-1]["last_episode"] not in ("None", ""), 20, "episode end")
     finally:
-        for p in (rec, sim):
-            p.send_signal(signal.SIGINT)
-        assert rec.wait(timeout=10) == 0, (tmp_path / "recorder.log").read_text()[-3000:]
-        sim.wait(timeout=10)
+        stop_node(rec)
+        sim_took = stop_node(sim)
+        assert rec.returncode == 0, (tmp_path / "recorder.log").read_text()[-3000:]
+        assert sim_took < 10.0
     from recap_ros.recording import episode_bags
 
     bags = episode_bags(tmp_path / "bags", "sim")

@@ -3,46 +3,15 @@ velocity-limited command following, bad commands ignored, SIGINT shutdown."""
 import json
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import numpy as np
 import pytest
+from helpers import MessageLog, start_node, stop_node
 
 pytestmark = pytest.mark.ros
 
 MEASURE_S = 6.0
-
-
-class Recorder:
-    """Thread-safe lists of (receive time, message) per topic."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.data = {}
-
-    def callback(self, topic):
-        self.data[topic] = []
-
-        def cb(msg):
-            with self.lock:
-                self.data[topic].append((time.monotonic(), msg))
-        return cb
-
-    def since(self, topic, t0):
-        with self.lock:
-            return [(t, m) for t, m in self.data[topic] if t >= t0]
-
-    def wait(self, predicate, timeout):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            with self.lock:
-                if predicate():
-                    return True
-            time.sleep(0.05)
-        return False
 
 
 def _rate(samples):
@@ -57,9 +26,7 @@ class Processes:
 
     def start(self, node, station="sim"):
         log = open(self.tmp_path / f"{node}.log", "w+")
-        proc = subprocess.Popen([sys.executable, "-m", f"recap_ros.nodes.{node}", "--ros-args", "-p",
-                                 f"station:={station}"], stdout=log, stderr=subprocess.STDOUT,
-                                env=os.environ.copy(), start_new_session=True)
+        proc = start_node(node, station=station, log=log)
         self.procs.append((proc, log))
         return proc, log
 
@@ -91,7 +58,7 @@ def test_sim_robot_node(rclpy_context, spin, processes):
     proc, log = processes.start("sim_robot")
     station = load_station("sim")
     names = station.robot.joint_names
-    rec = Recorder()
+    rec = MessageLog()
     node = Node("test_sim_robot_probe")
     node.create_subscription(JointState, "/joint_states", rec.callback("joints"), rosmsg.COMMAND_QOS)
     for cam in station.cameras:
@@ -171,11 +138,9 @@ def test_sim_robot_node(rclpy_context, spin, processes):
     assert json.loads(rec.data["events"][-1][1].data)["episode"] == episode   # no failure from this motion
 
     # SIGINT stops it within 5 s
-    t_int = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=5.0)
-    print(f"sim_robot stopped {time.monotonic() - t_int:.2f} s after SIGINT, rc={proc.returncode}")
-    assert proc.returncode == 0, _log(log)
+    took = stop_node(proc)
+    print(f"sim_robot stopped {took:.2f} s after SIGINT, rc={proc.returncode}")
+    assert took < 5.0 and proc.returncode == 0, _log(log)
     assert "bad command" in _log(log)
 
 
@@ -200,7 +165,7 @@ def test_scripted_corrector_takes_over_a_stalled_policy(rclpy_context, spin, pro
     raw = dict(station.raw, sim=dict(station.raw["sim"], corrector_patience_s=1.0))
     path = tmp_path / "sim_fast.yaml"
     path.write_text(yaml.safe_dump(raw))
-    rec = Recorder()
+    rec = MessageLog()
     node = Node("test_corrector_probe")
     node.create_subscription(String, "/episode/events", rec.callback("events"), rosmsg.EVENT_QOS)
     node.create_subscription(String, "/mux/mode", rec.callback("mode"), rosmsg.COMMAND_QOS)
@@ -223,6 +188,4 @@ def test_scripted_corrector_takes_over_a_stalled_policy(rclpy_context, spin, pro
     assert len(rec.data["teleop"]) > 20
     assert "taking over: no progress" in _log(corrector_log)
     for proc, log in ((sim, sim_log), (corrector, corrector_log)):
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=5.0)
-        assert proc.returncode == 0, _log(log)
+        assert stop_node(proc) < 5.0 and proc.returncode == 0, _log(log)

@@ -3,16 +3,13 @@ station:=sim``), driven by real rclpy publishers and observed by real subscriber
 priority/preemption, mode switching, timeout -> hold, override deadman, latching e-stop, step-limited
 handover, invalid commands never reaching the robot, latched active source / intervention (late joiners too),
 diagnostics, and a clean SIGINT stop."""
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 import yaml
+from helpers import start_node, stop_node, wait_for
 
 from recap_ros import paths
 from recap_ros.station import load_station
@@ -24,34 +21,6 @@ NAMES = ST.robot.joint_names
 VMAX = np.asarray(ST.robot.max_velocity)
 LOWER, UPPER = np.asarray(ST.robot.lower), np.asarray(ST.robot.upper)
 P, T = np.full(14, 0.1), np.full(14, 0.3)  # what the policy and the teleoperator command
-
-
-def start_mux(station: str, log_path):
-    log = open(log_path, "w")
-    return subprocess.Popen([sys.executable, "-m", "recap_ros.nodes.teleop_mux", "--ros-args",
-                             "-p", f"station:={station}"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def stop_mux(proc) -> float:
-    """SIGINT; returns how long the node took to exit (killed after 10 s)."""
-    t0 = time.monotonic()
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    return time.monotonic() - t0
-
-
-def wait_for(cond, timeout=8.0, what=""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what or cond}")
 
 
 class Probe:
@@ -138,7 +107,7 @@ class Probe:
 @pytest.fixture(scope="module")
 def mux(rclpy_context, tmp_path_factory):
     log = tmp_path_factory.mktemp("mux") / "teleop_mux.log"
-    proc = start_mux("sim", log)
+    proc = start_node("teleop_mux", log=log)
     probe = Probe(ST)
     try:
         # nothing is commanded before the first joint state, which becomes the initial hold position
@@ -157,7 +126,7 @@ def mux(rclpy_context, tmp_path_factory):
     finally:
         probe.close()
         if proc.poll() is None:
-            stop_mux(proc)
+            stop_node(proc)
 
 
 def reset(probe):
@@ -222,7 +191,7 @@ def test_unknown_mode_is_rejected(mux):
     probe, _, log = mux
     reset(probe)
     probe.mode("joystick")
-    wait_for(lambda: "mode 'joystick' rejected" in log.read_text(), what="rejection logged")
+    wait_for(lambda: "mode 'joystick' rejected" in log.read_text(), 8.0, "rejection logged")
     time.sleep(0.1)
     assert probe.active[-1] == "policy"
 
@@ -377,7 +346,7 @@ def test_float64_multi_array_station_rejects_13_elements_and_stops_on_sigint(rcl
     f = tmp_path / "fma.yaml"
     f.write_text(yaml.safe_dump(data))
     st = load_station(str(f))
-    proc = start_mux(str(f), tmp_path / "mux.log")
+    proc = start_node("teleop_mux", station=str(f), log=tmp_path / "mux.log")
     probe = Probe(st, "fma_probe")
     try:
         deadline = time.monotonic() + 30
@@ -400,5 +369,5 @@ def test_float64_multi_array_station_rejects_13_elements_and_stops_on_sigint(rcl
         assert "Float64MultiArray has 13 elements, expected 14" in log
     finally:
         probe.close()
-        took = stop_mux(proc)
+        took = stop_node(proc)
     assert took < 5.0 and proc.returncode is not None

@@ -146,33 +146,28 @@ class EpisodeRecorderNode(Node):
         self.recorder.submit(topic, data, info.get("received_timestamp") or time.time_ns())
 
     # ------------------------------------------------------------------------------------------ services
-    def _on_start(self, _req, resp):
+    def _serve(self, name: str, resp, action):
+        """``resp`` answered with ``action()``'s message, or refused with the RecorderError it raised."""
         try:
-            resp.message = str(self.recorder.start())
+            resp.message = action()
             resp.success = True
         except RecorderError as e:
             resp.success, resp.message = False, str(e)
-            self.get_logger().error(f"~/start refused: {e}")
+            self.get_logger().error(f"~/{name} refused: {e}")
         return resp
+
+    def _on_start(self, _req, resp):
+        return self._serve("start", resp, lambda: str(self.recorder.start()))
 
     def _on_stop(self, _req, resp):
-        try:
+        def stop() -> str:
             s = self.recorder.stop()
-            resp.success = True
-            resp.message = f"{s.path}: {s.message_count} messages" + (f", dropped {s.dropped}" if s.dropped else "")
-        except RecorderError as e:
-            resp.success, resp.message = False, str(e)
-            self.get_logger().error(f"~/stop refused: {e}")
-        return resp
+            return f"{s.path}: {s.message_count} messages" + (f", dropped {s.dropped}" if s.dropped else "")
+        return self._serve("stop", resp, stop)
 
     def _on_label(self, req, resp):
-        try:
-            path = self.recorder.label(bool(req.data))
-            resp.success, resp.message = True, f"{path}: {'success' if req.data else 'failure'}"
-        except RecorderError as e:
-            resp.success, resp.message = False, str(e)
-            self.get_logger().error(f"~/label refused: {e}")
-        return resp
+        return self._serve("label", resp,
+                           lambda: f"{self.recorder.label(bool(req.data))}: {'success' if req.data else 'failure'}")
 
     # ------------------------------------------------------------------------------------------ diagnostics
     def _publish_diagnostics(self) -> None:

@@ -69,6 +69,15 @@ POLICY_INPUT = "policy"
 TICK_SOURCES = ("thread", "timer")
 
 
+def _drain(q: queue.SimpleQueue):
+    """The items already in ``q``, oldest first, without blocking."""
+    while True:
+        try:
+            yield q.get_nowait()
+        except queue.Empty:
+            return
+
+
 @dataclass(frozen=True)
 class _Job:
     request: Request
@@ -362,11 +371,7 @@ class PolicyServer(Node):
             self._outbox.put(("hold", reason))
 
     def _apply_control_events(self) -> None:
-        while True:
-            try:
-                kind, arg = self._control.get_nowait()
-            except queue.Empty:
-                return
+        for kind, arg in _drain(self._control):
             if kind == "start":
                 self._running, self._need_reset = True, True
             elif kind == "stop":
@@ -382,11 +387,7 @@ class PolicyServer(Node):
                 self._in_control = in_control
 
     def _apply_results(self, now_ns: int) -> None:
-        while True:
-            try:
-                res: _Result = self._results.get_nowait()
-            except queue.Empty:
-                return
+        for res in _drain(self._results):
             self.latencies_ms.append(res.latency_ms)
             if res.error is not None:
                 self.core.cancel(res.job.request)
@@ -412,11 +413,7 @@ class PolicyServer(Node):
     # ------------------------------------------------------------------------------------ publishing
     def _publish_outbox(self) -> None:
         log = self.get_logger()
-        while True:
-            try:
-                kind, arg = self._outbox.get_nowait()
-            except queue.Empty:
-                return
+        for kind, arg in _drain(self._outbox):
             if kind == "chunk":
                 self._publish_chunk(*arg)
             elif kind == "error":
