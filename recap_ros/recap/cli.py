@@ -1,0 +1,182 @@
+"""RECAP command-line tools: ``recap-train-value``, ``recap-label``, ``recap-train-policy`` (progress bars via tqdm).
+
+Data (``DATA``) is an exported LeRobot dataset directory (``recap-export``) or a frames cache (.npz) from
+``recap-sim-demos`` / the sim iteration bench. Under ``torchrun`` the training commands run data-parallel (DDP).
+
+    recap-train-value DATA --out models/value_it1 [--init models/value_pre] [--plots plots/]
+    recap-label DATA --value models/value_it1 --mode finetune --out labels.parquet [--plots plots/]
+    recap-train-policy DATA --init models/sim_sft --labels labels.parquet --out models/sim_it1
+    recap-train-policy DATA --sft --preset tiny --out models/sim_sft
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="LeRobot dataset directory or frames file (.npz)")
+    p.add_argument("--stride", type=int, default=1, help="use every N-th frame of each episode (+ its last)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="task's maximum episode length in steps (default: inferred from the returns)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _report(text: str) -> None:
+    """Print on the main process only (torchrun starts one process per device)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text)
+
+
+def _fail(prog: str, e: Exception) -> int:
+    print(f"{prog}: {e}", file=sys.stderr)
+    return 2
+
+
+def plot_values(frames, values: np.ndarray, out_dir: str | Path, max_episodes: int = 6) -> list[Path]:
+    """Fig. 4-style PNGs for the first few episodes (successes and failures mixed)."""
+    from recap_ros.recap.plots import plot_episode_value
+
+    out = []
+    eps = np.unique(frames.episode_index)
+    succ = [e for e in eps if frames.episode_success[frames.episode_index == e][0]]
+    fail = [e for e in eps if e not in set(succ)]
+    pick = (fail[:max_episodes // 2] + succ)[:max_episodes]
+    for e in pick:
+        m = frames.episode_index == e
+        if m.sum() < 2:
+            continue
+        fi = frames.frame_index[m]
+        rate = 50.0 / max(1, int(np.median(np.diff(fi))))
+        out.append(plot_episode_value(values[m], Path(out_dir) / f"value_ep{int(e):04d}.png",
+                                      frames.return_normalized[m], frames.intervention[m], rate_hz=rate,
+                                      title=f"episode {int(e)}: {frames.prompts[frames.task_index[m][0]]}",
+                                      success=bool(frames.episode_success[m][0])))
+    return out
+
+
+def train_value_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="recap-train-value", description="Train the distributional value function "
+                                "p(V | o, l) over 201 return bins (cross-entropy, Eq. 1).")
+    _common(p)
+    p.add_argument("--out", required=True, help="output value bundle directory")
+    p.add_argument("--init", default=None, help="value bundle to fine-tune from (the pre-trained checkpoint)")
+    p.add_argument("--image-size", type=int, default=32, help="value model input size (new models)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--plots", default=None, help="directory for value-over-episode PNGs")
+    a = p.parse_args(argv)
+    _threads(a.threads)
+    from recap_ros.recap.dataset_io import load_frames
+    from recap_ros.recap.train_value import train_value
+    from recap_ros.recap.value import load_value, predict_values
+
+    try:
+        size = load_value(a.init).cfg.backbone.image_size if a.init else a.image_size
+        frames = load_frames(a.data, size, stride=a.stride, max_len=a.max_len)
+        model, losses = train_value(frames, a.out, init=a.init, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                                    seed=a.seed, device=a.device)
+    except (ValueError, OSError, RuntimeError) as e:
+        return _fail(p.prog, e)
+    _report(f"value: {len(frames)} frames, {frames.num_episodes} episodes; loss {np.mean(losses[:20]):.3f} -> "
+          f"{np.mean(losses[-20:]):.3f}; bundle {a.out}")
+    if a.plots and os.environ.get("RANK", "0") == "0":
+        v = predict_values(model, frames.images, frames.state, frames.prompts, frames.task_index)
+        for path in plot_values(frames, v, a.plots):
+            _report(f"plot {path}")
+    return 0
+
+
+def label_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="recap-label", description="Advantages A and indicators I_t = 1(A > eps_l) "
+                                "(per-task threshold; human interventions always positive).")
+    _common(p)
+    p.add_argument("--value", required=True, help="value bundle directory (recap-train-value)")
+    p.add_argument("--mode", choices=("finetune", "pretrain"), default="finetune",
+                   help="finetune: N-step advantage, 40%% positive; pretrain: whole-episode, 30%% positive")
+    p.add_argument("--positive-fraction", type=float, default=None)
+    p.add_argument("--n", type=int, default=50, help="N of the N-step advantage")
+    p.add_argument("--out", required=True, help="labels file (.parquet)")
+    p.add_argument("--plots", default=None, help="directory for value-over-episode PNGs")
+    a = p.parse_args(argv)
+    _threads(a.threads)
+    from recap_ros.recap import advantage
+    from recap_ros.recap.dataset_io import load_frames, write_labels
+    from recap_ros.recap.value import load_value, predict_values
+
+    try:
+        model = load_value(a.value)
+        frames = load_frames(a.data, model.cfg.backbone.image_size, stride=a.stride, max_len=a.max_len)
+        v = predict_values(model, frames.images, frames.state, frames.prompts, frames.task_index)
+        lab = advantage.label(v, frames.episode_index, frames.task_index, frames.intervention, frames.max_len,
+                              a.mode, a.positive_fraction, ret=frames.ret, frame_index=frames.frame_index,
+                              return_normalized=frames.return_normalized, n=a.n, seed=a.seed)
+        write_labels(a.out, frames, lab.advantage, lab.indicator, lab.thresholds, a.mode)
+    except (ValueError, OSError, RuntimeError) as e:
+        return _fail(p.prog, e)
+    auto = ~frames.intervention
+    print(json.dumps({"frames": len(frames), "mode": a.mode, "positive": round(lab.positive_fraction(), 4),
+                      "positive_autonomous": round(lab.positive_fraction(auto), 4),
+                      "interventions": int(frames.intervention.sum()),
+                      "thresholds": {frames.prompts[k]: round(t, 5) for k, t in lab.thresholds.items()},
+                      "out": a.out}))
+    if a.plots:
+        for path in plot_values(frames, v, a.plots):
+            print(f"plot {path}")
+    return 0
+
+
+def train_policy_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="recap-train-policy", description="Advantage-conditioned flow-matching "
+                                "training (indicator dropped 30%% of the time) or SFT; writes a policy bundle.")
+    _common(p)
+    p.add_argument("--out", required=True, help="output policy bundle directory")
+    p.add_argument("--init", default=None, help="policy bundle to fine-tune from (the pre-trained checkpoint)")
+    p.add_argument("--preset", default="tiny", help="model preset for a new model (without --init)")
+    p.add_argument("--model", default="{}", help='JSON overrides of the preset, e.g. \'{"image_size": 48}\'')
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--labels", help="labels file from recap-label")
+    mode.add_argument("--sft", action="store_true", help="supervised fine-tuning: I_t = positive for all")
+    p.add_argument("--drop", type=float, default=0.3, help="probability of dropping the indicator")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-4)
+    a = p.parse_args(argv)
+    _threads(a.threads)
+    from recap_ros.policy.bundle import open_bundle
+    from recap_ros.policy.config import preset
+    from recap_ros.policy.errors import PolicyError
+    from recap_ros.recap.dataset_io import apply_labels, load_frames
+    from recap_ros.recap.train_policy import train_policy
+
+    try:
+        overrides = json.loads(a.model)
+        cfg = open_bundle(a.init).config if a.init else preset(a.preset, **overrides)
+        frames = load_frames(a.data, cfg.image_size, cfg.chunk_len, stride=a.stride, max_len=a.max_len)
+        if a.labels:
+            frames = apply_labels(frames, a.labels)
+        _, losses = train_policy(frames, a.out, init=a.init, preset_name=a.preset, sft=a.sft, drop_prob=a.drop,
+                                 steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
+                                 model_overrides=overrides,
+                                 description=f"recap-train-policy {'SFT' if a.sft else 'advantage-conditioned'} "
+                                             f"on {a.data} ({len(frames)} frames)")
+    except (ValueError, OSError, RuntimeError, PolicyError) as e:
+        return _fail(p.prog, e)
+    _report(f"policy: {len(frames)} frames; loss {np.mean(losses[:20]):.4f} -> {np.mean(losses[-20:]):.4f}; "
+          f"bundle {a.out}")
+    return 0

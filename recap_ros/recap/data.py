@@ -1,0 +1,155 @@
+"""Frames for RECAP training held in memory (ROS-free, numpy).
+
+One :class:`Frames` holds training frames of a set of episodes, in episode order, with the dataset columns of
+docs/ARCHITECTURE.md that training needs; images are already resized to the model's input size and every frame
+carries its 50 Hz action chunk a_{t:t+H} (the episode's last action repeated past its end, as LeRobot does).
+Frames may be a subsample of the control ticks (every k-th tick plus the last one; ``frame_index`` keeps the
+tick number), which is how sim roll-outs keep rendering cheap. Sources: an exported LeRobot dataset
+(:func:`recap_ros.recap.dataset_io.load_frames`) or sim roll-outs (:mod:`recap_ros.recap.rollout`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from recap_ros import imaging
+from recap_ros.recap import returns as rt
+
+FIELDS = ("images", "state", "action_chunk", "intervention", "episode_index", "frame_index", "task_index", "ret",
+          "return_normalized", "return_bin", "episode_success")
+
+
+@dataclass
+class Frames:
+    images: np.ndarray            # (N, n_cams, H, W, 3) uint8, camera order = model camera roles
+    state: np.ndarray             # (N, D) float32
+    action_chunk: np.ndarray      # (N, H, D) float32, commands sent to the robot from this tick on
+    intervention: np.ndarray      # (N,) bool
+    episode_index: np.ndarray     # (N,) int64
+    frame_index: np.ndarray       # (N,) int64
+    task_index: np.ndarray        # (N,) int64 into prompts
+    prompts: list[str]
+    ret: np.ndarray               # (N,) float64, undiscounted reward-to-go R_t (not normalised)
+    return_normalized: np.ndarray  # (N,) float64
+    return_bin: np.ndarray        # (N,) int64
+    episode_success: np.ndarray   # (N,) bool
+    max_len: int                  # the task's maximum episode length (steps) the returns were normalised by
+    indicator: np.ndarray | None = field(default=None)  # (N,) bool, set by labelling
+
+    def __post_init__(self):
+        n = len(self.state)
+        for name in FIELDS[1:]:
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"Frames.{name} has {len(getattr(self, name))} rows, state has {n}")
+        if self.indicator is not None and len(self.indicator) != n:
+            raise ValueError(f"Frames.indicator has {len(self.indicator)} rows, state has {n}")
+        if n and (self.task_index.min() < 0 or self.task_index.max() >= len(self.prompts)):
+            raise ValueError(f"task_index out of range for {len(self.prompts)} prompts")
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+    @property
+    def num_episodes(self) -> int:
+        return len(np.unique(self.episode_index))
+
+    def with_indicator(self, indicator: np.ndarray) -> Frames:
+        return replace(self, indicator=np.asarray(indicator, bool))
+
+    def select_episodes(self, episodes) -> Frames:
+        keep = np.isin(self.episode_index, np.asarray(list(episodes)))
+        return _take(self, keep)
+
+
+def _take(f: Frames, mask: np.ndarray) -> Frames:
+    kw = {name: getattr(f, name)[mask] for name in FIELDS}
+    return Frames(prompts=list(f.prompts), max_len=f.max_len,
+                  indicator=None if f.indicator is None else f.indicator[mask], **kw)
+
+
+def concat(parts: list[Frames]) -> Frames:
+    """Join frame sets; episode and task indices are renumbered so they stay unique."""
+    if not parts:
+        raise ValueError("nothing to concatenate")
+    if len({p.max_len for p in parts}) != 1:
+        raise ValueError(f"frame sets normalised by different max lengths {[p.max_len for p in parts]}")
+    prompts: list[str] = []
+    for p in parts:
+        prompts += [x for x in p.prompts if x not in prompts]
+    kw: dict[str, list] = {k: [] for k in FIELDS}
+    ind = [] if all(p.indicator is not None for p in parts) else None
+    offset = 0
+    for p in parts:
+        for k, col in kw.items():
+            col.append(getattr(p, k))
+        _, ep = np.unique(p.episode_index, return_inverse=True)
+        kw["episode_index"][-1] = ep + offset
+        offset += int(ep.max()) + 1 if len(ep) else 0
+        kw["task_index"][-1] = np.array([prompts.index(p.prompts[i]) for i in p.task_index], np.int64)
+        if ind is not None:
+            ind.append(p.indicator)
+    return Frames(prompts=prompts, max_len=parts[0].max_len,
+                  indicator=None if ind is None else np.concatenate(ind),
+                  **{k: np.concatenate(v) for k, v in kw.items()})
+
+
+def chunks(action: np.ndarray, chunk_len: int) -> np.ndarray:
+    """(T, D) actions of one episode -> (T, chunk_len, D): a_{t:t+H}, repeating the last action past the end."""
+    T = len(action)
+    idx = np.minimum(np.arange(T)[:, None] + np.arange(chunk_len)[None, :], T - 1)
+    return np.asarray(action)[idx]
+
+
+def kept_ticks(num_steps: int, stride: int) -> np.ndarray:
+    """Ticks kept as training frames: every ``stride``-th tick and always the last one."""
+    if stride < 1:
+        raise ValueError(f"frame stride must be >= 1 (got {stride})")
+    return np.unique(np.r_[np.arange(0, num_steps, stride), num_steps - 1])
+
+
+def episode_frames(images: np.ndarray, ticks: np.ndarray, state: np.ndarray, action: np.ndarray,
+                   intervention: np.ndarray, prompt: str, success: bool, max_len: int, c_fail: float,
+                   chunk_len: int, episode: int = 0, num_bins: int = rt.NUM_BINS) -> Frames:
+    """One episode's training frames with RECAP labels from :func:`recap_ros.recap.returns.episode_labels`.
+
+    state / action / intervention are per control tick (T rows); images (len(ticks) rows) belong to ``ticks``.
+    """
+    T = len(state)
+    ticks = np.asarray(ticks, np.int64)
+    if len(action) != T or len(intervention) != T:
+        raise ValueError(f"episode {episode}: {T} states, {len(action)} actions, {len(intervention)} flags")
+    if len(images) != len(ticks) or (len(ticks) and (ticks.min() < 0 or ticks.max() >= T)):
+        raise ValueError(f"episode {episode}: {len(images)} images for ticks {ticks[:3]}.. of a {T}-tick episode")
+    lab = rt.episode_labels(T, success, max_len, c_fail, num_bins)
+    n = len(ticks)
+    return Frames(images=np.asarray(images, np.uint8), state=np.asarray(state, np.float32)[ticks],
+                  action_chunk=chunks(np.asarray(action, np.float32), chunk_len)[ticks],
+                  intervention=np.asarray(intervention, bool)[ticks], episode_index=np.full(n, episode, np.int64),
+                  frame_index=ticks, task_index=np.zeros(n, np.int64), prompts=[prompt],
+                  ret=lab["return"][ticks], return_normalized=lab["return_normalized"][ticks],
+                  return_bin=lab["return_bin"][ticks], episode_success=np.full(n, bool(success)),
+                  max_len=int(max_len))
+
+
+def resize_views(views, size: int) -> np.ndarray:
+    """List of HxWx3 RGB views -> (n_cams, size, size, 3) uint8 (stretch resize, as the policy does)."""
+    return np.stack([imaging.fit(np.asarray(v, np.uint8), size, size, "resize") for v in views])
+
+
+def save_frames(frames: Frames, path) -> None:
+    """Frames as one compressed .npz (a training cache of roll-outs; datasets proper are LeRobot exports)."""
+    arrays = {name: getattr(frames, name) for name in FIELDS}
+    if frames.indicator is not None:
+        arrays["indicator"] = frames.indicator
+    np.savez(path, prompts=np.array(frames.prompts), max_len=np.array(frames.max_len), **arrays)
+
+
+def load_frames_npz(path) -> Frames:
+    with np.load(path, allow_pickle=False) as z:
+        missing = [k for k in FIELDS + ("prompts", "max_len") if k not in z.files]
+        if missing:
+            raise ValueError(f"{path}: not a frames file (missing {missing})")
+        return Frames(prompts=[str(p) for p in z["prompts"]], max_len=int(z["max_len"]),
+                      indicator=z["indicator"] if "indicator" in z.files else None,
+                      **{k: z[k] for k in FIELDS})

@@ -1,0 +1,105 @@
+"""Advantage-conditioned flow-matching training of the policy (π0.6*, RECAP).
+
+Each sample's prompt carries "Advantage: positive" (I_t = 1) or "Advantage: negative" (I_t = 0); the indicator is
+dropped (no advantage segment) with probability ``drop_prob`` = 0.3, so one model is conditional and
+unconditional (what classifier-free guidance needs). SFT mode fixes I_t = 1 for every sample (the first
+fine-tune on demonstrations). As in the paper, every iteration fine-tunes from a GIVEN checkpoint (the
+pre-trained / SFT bundle), never from the previous iteration. The result is a complete bundle
+(:func:`recap_ros.policy.bundle.save_bundle`: weights, norm stats, ONNX graphs) the action server loads.
+
+The flow-matching loss, indicator dropout, prompt assembly and image preparation are the policy package's
+(:mod:`recap_ros.policy.training`); this module feeds them RECAP frames.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from recap_ros.policy.bundle import open_bundle, save_bundle
+from recap_ros.policy.config import preset
+from recap_ros.policy.model import Pi06Policy
+from recap_ros.policy.normalize import Stats, compute_norm_stats
+from recap_ros.policy.training import (
+    drop_indicators,
+    flow_matching_loss,
+    prompt_encoder_for,
+)
+from recap_ros.recap import trainer
+from recap_ros.recap.data import Frames
+
+DROP_PROB = 0.3
+
+
+def training_indicators(frames: Frames, sft: bool) -> np.ndarray:
+    """I_t per frame before dropout: all positive in SFT mode, else the labels (interventions always positive)."""
+    if sft:
+        return np.ones(len(frames), bool)
+    if frames.indicator is None:
+        raise ValueError("advantage-conditioned training needs indicator labels (run recap-label) or SFT mode")
+    return frames.indicator | frames.intervention
+
+
+class _PolicyLoss(nn.Module):
+    """forward(indices) -> flow-matching loss of those frames with dropped-out advantage indicators."""
+
+    def __init__(self, model: Pi06Policy, frames: Frames, indicators: np.ndarray, stats: dict[str, Stats],
+                 drop_prob: float):
+        super().__init__()
+        self.model, self.frames, self.ind, self.drop = model, frames, indicators, drop_prob
+        c = model.config
+        self.enc = prompt_encoder_for(model)
+        self.state = torch.from_numpy(stats["state"].normalize(frames.state.astype(np.float64),
+                                                               c.normalization).astype(np.float32))
+        self.chunk = torch.from_numpy(stats["actions"].normalize(frames.action_chunk.astype(np.float64),
+                                                                 c.normalization).astype(np.float32))
+
+    def forward(self, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        f = self.frames
+        ind = drop_indicators(self.ind[idx].tolist(), self.drop, rng)
+        prompts = [f.prompts[k] for k in f.task_index[idx]]
+        ti = torch.from_numpy(idx)
+        return flow_matching_loss(self.model, torch.from_numpy(f.images[idx]), self.state[ti], prompts, ind,
+                                  self.chunk[ti], prompt_encoder=self.enc)
+
+
+def check_frames(model: Pi06Policy, frames: Frames) -> None:
+    c = model.config
+    want = (c.num_cameras, c.image_size, c.image_size, 3)
+    if tuple(frames.images.shape[1:]) != want:
+        raise ValueError(f"frames have images {tuple(frames.images.shape[1:])}, the policy takes {want}")
+    if frames.action_chunk.shape[1:] != (c.chunk_len, c.action_dim) or frames.state.shape[1] != c.state_dim:
+        raise ValueError(f"frames have state {frames.state.shape[1:]} / chunks {frames.action_chunk.shape[1:]}, "
+                         f"the policy takes ({c.state_dim},) / ({c.chunk_len}, {c.action_dim})")
+
+
+def train_policy(frames: Frames, out: str | Path | None, init: str | Path | None = None, preset_name: str = "tiny",
+                 sft: bool = False, drop_prob: float = DROP_PROB, steps: int = 1000, batch_size: int = 32,
+                 lr: float = 3e-4, seed: int = 0, device: str | None = None, progress: bool = True,
+                 joint_names: list[str] | None = None, description: str = "",
+                 model_overrides: dict | None = None) -> tuple[Pi06Policy, list[float]]:
+    """Fine-tune the bundle ``init`` (weights and norm stats kept) or train ``preset_name`` from scratch (norm
+    stats from ``frames``); writes a bundle to ``out`` on rank 0."""
+    if not 0.0 <= drop_prob < 1.0:
+        raise ValueError(f"indicator drop probability must be in [0, 1) (got {drop_prob})")
+    dist = trainer.setup(device)
+    torch.manual_seed(seed)
+    if init is not None:
+        bundle = open_bundle(init)  # the given checkpoint, never the previous iteration's result
+        model, stats, tokenizer = bundle.load_model(), bundle.norm_stats, bundle.tokenizer
+        joint_names = joint_names or bundle.meta.get("joint_names")
+    else:
+        model = Pi06Policy(preset(preset_name, **(model_overrides or {})))
+        stats = compute_norm_stats(frames.state, frames.action_chunk)
+        tokenizer = None
+    check_frames(model, frames)
+    indicators = training_indicators(frames, sft)
+    losses = trainer.fit(_PolicyLoss(model, frames, indicators, stats, drop_prob), len(frames), steps, batch_size,
+                         lr, dist, seed=seed, desc="policy" + (" (SFT)" if sft else ""), progress=progress)
+    model.eval()
+    if out is not None and dist.main:
+        save_bundle(model, out, stats, tokenizer, joint_names=joint_names, description=description)
+    trainer.barrier(dist)
+    return model, losses

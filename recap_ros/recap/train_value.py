@@ -1,0 +1,78 @@
+"""Train the distributional value function on RECAP frames (cross-entropy against the return bins).
+
+As in the paper, every iteration fine-tunes from a given checkpoint (``init``: the pre-trained value bundle,
+never the previous iteration's) on all the data collected so far.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from recap_ros.recap import trainer
+from recap_ros.recap.data import Frames
+from recap_ros.recap.value import (
+    ValueConfig,
+    ValueModel,
+    default_backbone,
+    load_value,
+    save_value,
+)
+
+
+class _ValueLoss(nn.Module):
+    """forward(indices) -> cross-entropy of the value logits against the return bins of those frames."""
+
+    def __init__(self, model: ValueModel, frames: Frames, augment_shift: int):
+        super().__init__()
+        self.model, self.frames, self.shift = model, frames, augment_shift
+        self.tokens = model.encode_prompts(frames.prompts)
+
+    def forward(self, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        f, dev = self.frames, self.model.head.weight.device
+        imgs = torch.from_numpy(f.images[idx])
+        if self.shift:  # small random translations: the value must not key on exact pixels
+            dy, dx = rng.integers(-self.shift, self.shift + 1, size=2)
+            imgs = torch.roll(imgs, shifts=(int(dy), int(dx)), dims=(2, 3))
+        task = torch.from_numpy(f.task_index[idx])
+        logits = self.model(imgs.to(dev), torch.from_numpy(f.state[idx]).to(dev),
+                            {k: v[task].to(dev) for k, v in self.tokens.items()})
+        return nn.functional.cross_entropy(logits, torch.from_numpy(f.return_bin[idx]).to(dev))
+
+
+def new_value_model(frames: Frames, **backbone_overrides) -> ValueModel:
+    """A fresh value model sized for ``frames`` with state normalisation from their statistics."""
+    n_cams, size = frames.images.shape[1], frames.images.shape[2]
+    roles = backbone_overrides.pop("camera_roles", default_backbone().camera_roles[:n_cams])
+    bb = default_backbone(image_size=size, camera_roles=tuple(roles), state_dim=frames.state.shape[1],
+                          action_dim=frames.state.shape[1], **backbone_overrides)
+    return ValueModel(ValueConfig(bb, state_mean=frames.state.mean(0).tolist(),
+                                  state_std=(frames.state.std(0) + 1e-3).tolist()))
+
+
+def train_value(frames: Frames, out: str | Path | None = None, init: str | Path | None = None, steps: int = 500,
+                batch_size: int = 64, lr: float = 3e-4, seed: int = 0, device: str | None = None,
+                progress: bool = True, backbone_overrides: dict | None = None) -> tuple[ValueModel, list[float]]:
+    """Fine-tune from ``init`` (a value bundle) or train from scratch; saves a bundle to ``out`` on rank 0."""
+    dist = trainer.setup(device)
+    torch.manual_seed(seed)
+    if init is not None:
+        model = load_value(init)  # the given checkpoint, never the previous iteration's result
+        bb = model.cfg.backbone
+        if bb.image_size != frames.images.shape[2] or bb.num_cameras != frames.images.shape[1]:
+            raise ValueError(f"{init}: value model takes {bb.num_cameras} x {bb.image_size}^2 views, "
+                             f"frames have {frames.images.shape[1]} x {frames.images.shape[2]}^2")
+    else:
+        model = new_value_model(frames, **(backbone_overrides or {}))
+    if frames.return_bin.max() >= model.cfg.num_bins or frames.return_bin.min() < 0:
+        raise ValueError(f"return bins span [{frames.return_bin.min()}, {frames.return_bin.max()}], "
+                         f"outside the model's {model.cfg.num_bins} bins")
+    losses = trainer.fit(_ValueLoss(model, frames, augment_shift=1), len(frames), steps, batch_size, lr, dist,
+                         seed=seed, desc="value", progress=progress)
+    model.eval()
+    if out is not None and dist.main:
+        save_value(model, out)
+    trainer.barrier(dist)
+    return model, losses

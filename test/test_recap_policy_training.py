@@ -1,0 +1,77 @@
+"""Advantage-conditioned policy training: indicator dropout rate, SFT, labels, bundle from a given checkpoint."""
+import numpy as np
+import pytest
+import torch
+
+from recap_ros.recap import train_policy as tp
+from recap_ros.recap.data import concat, episode_frames
+
+torch.set_num_threads(1)
+SMALL = {"image_size": 16, "patch_size": 8, "vision_tokens": 4, "vision_depth": 1, "depth": 1, "width": 32,
+         "head_dim": 16, "mlp_dim": 64, "expert_width": 32, "expert_mlp_dim": 64, "chunk_len": 8}
+
+
+def frames(n_eps=4, T=12, size=16, chunk_len=8):
+    eps = []
+    rng = np.random.default_rng(0)
+    for e in range(n_eps):
+        q = rng.uniform(-0.5, 0.5, (T, 14)).astype(np.float32)
+        iv = np.zeros(T, bool)
+        iv[-3:] = e == 0
+        eps.append(episode_frames(rng.integers(0, 255, (T, 3, size, size, 3), dtype=np.uint8), np.arange(T), q, q,
+                                  iv, "touch the red marker with the left gripper", bool(e % 2), max_len=T,
+                                  c_fail=2 * T, chunk_len=chunk_len, episode=e))
+    return concat(eps)
+
+
+def test_indicator_dropout_rate_is_0_3(monkeypatch):
+    seen = []
+
+    def fake_loss(model, images, state, prompts, indicators, actions, **kw):
+        seen.extend(indicators)
+        return torch.zeros((), requires_grad=True)
+
+    monkeypatch.setattr(tp, "flow_matching_loss", fake_loss)
+    f = frames()
+    model = tp.Pi06Policy(tp.preset("tiny", **SMALL))
+    stats = tp.compute_norm_stats(f.state, f.action_chunk)
+    loss = tp._PolicyLoss(model, f, np.ones(len(f), bool), stats, tp.DROP_PROB)
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        loss(rng.integers(0, len(f), 200), rng)
+    n = len(seen)
+    dropped = sum(x is None for x in seen) / n
+    assert abs(dropped - 0.3) < 4 * np.sqrt(0.3 * 0.7 / n), dropped   # 4 sigma of the binomial
+    assert set(seen) == {None, True}
+
+
+def test_training_indicators_sft_labels_and_interventions():
+    f = frames()
+    assert tp.training_indicators(f, sft=True).all()
+    with pytest.raises(ValueError, match="indicator labels"):
+        tp.training_indicators(f, sft=False)
+    lab = f.with_indicator(np.zeros(len(f), bool))
+    ind = tp.training_indicators(lab, sft=False)
+    np.testing.assert_array_equal(ind, f.intervention)      # human corrections always positive
+    assert ind.any() and not ind.all()
+
+
+def test_train_saves_loadable_bundle_and_finetunes_from_given_checkpoint(tmp_path):
+    from recap_ros.policy import load_policy
+
+    f = frames()
+    model, losses = tp.train_policy(f, tmp_path / "sft", sft=True, steps=3, batch_size=4, progress=False,
+                                    device="cpu", model_overrides=SMALL)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    pol = load_policy(str(tmp_path / "sft"), backend="torch")
+    chunk = pol.infer(images=[np.zeros((40, 40, 3), np.uint8)] * 3, state=np.zeros(14), prompt="touch it")
+    assert chunk.shape == (8, 14) and np.isfinite(chunk).all()
+    lab = f.with_indicator(np.arange(len(f)) % 2 == 0)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    tuned, _ = tp.train_policy(lab, tmp_path / "it1", init=tmp_path / "sft", steps=2, batch_size=4, progress=False,
+                               device="cpu")
+    # starts from the given checkpoint: same architecture, same norm stats, weights moved
+    assert tuned.config == model.config
+    assert any(not torch.equal(base[k], v) for k, v in tuned.state_dict().items())
+    with pytest.raises(ValueError, match="policy takes"):
+        tp.train_policy(frames(size=24), None, init=tmp_path / "sft", steps=1, progress=False, device="cpu")
