@@ -195,7 +195,8 @@ def main() -> None:
     listener = Listener(a.qos)
     summary = {}
     print(f"camera_ingest: {len(CAMERAS)} cameras x {a.fps:g} Hz, one process each, JPEG side-stream subscribed, "
-          f"QoS {a.qos}, opencv_threads {a.opencv_threads}, {a.duration:g} s per scenario, {os.cpu_count()} CPUs")
+          f"QoS {a.qos}, opencv_threads {a.opencv_threads}, {a.duration:g} s per scenario, {os.cpu_count()} CPUs, "
+          f"Fast DDS profile {os.environ.get('FASTDDS_DEFAULT_PROFILES_FILE') or 'none (stock: 512 KiB SHM segment)'}")
     try:
         with tempfile.TemporaryDirectory(prefix="camera_bench_") as tmp:
             for name, spec in scenarios.items():

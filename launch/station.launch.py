@@ -1,14 +1,21 @@
 """Launch a whole recap_ros station:  ros2 launch recap_ros station.launch.py station:=<name|path>
 
 The node graph comes from recap_ros.launch_graph (the same module the no-ROS `recap-station` runner uses),
-so both launchers start the same nodes with the same parameters.
+so both launchers start the same nodes with the same parameters. Like the runner, it points
+FASTDDS_DEFAULT_PROFILES_FILE at the package's Fast DDS profile (config/fastdds.xml) unless it is already set
+(set it empty for stock Fast DDS settings).
 """
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable, UnsetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 from recap_ros import launch_graph
+
+
+def _dds_profile(context):
+    return [UnsetEnvironmentVariable(name) if value is None else SetEnvironmentVariable(name, value)
+            for name, value in launch_graph.environment_changes(context.environment).items()]
 
 
 def _nodes(context):
@@ -25,5 +32,6 @@ def generate_launch_description():
     return LaunchDescription([
         DeclareLaunchArgument("station", default_value="sim",
                               description="station name under config/stations/ or a path to a station YAML"),
+        OpaqueFunction(function=_dds_profile),
         OpaqueFunction(function=_nodes),
     ])

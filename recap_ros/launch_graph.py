@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from recap_ros import paths
 from recap_ros.station import Station, load_station
 
 
@@ -72,3 +73,9 @@ def node_specs(station: Station, overrides: dict[str, dict[str, Any]] | None = N
 
 def specs_for(station_name_or_path: str) -> list[NodeSpec]:
     return node_specs(load_station(station_name_or_path))
+
+
+def environment_changes(environ) -> dict[str, str | None]:
+    """Environment variables both launchers set for the nodes (value None: unset): the package's Fast DDS
+    profile unless the user chose one (see :func:`recap_ros.paths.fastdds_profile_env`)."""
+    return paths.fastdds_profile_env(environ)

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 PACKAGE = "recap_ros"
+# Fast DDS 3 reads the first; rmw_fastrtps (Kilted) still honours the legacy one with a deprecation warning.
+FASTDDS_PROFILE_ENV = "FASTDDS_DEFAULT_PROFILES_FILE"
+FASTDDS_PROFILE_ENV_LEGACY = "FASTRTPS_DEFAULT_PROFILES_FILE"
 
 
 def share_dir() -> Path:
@@ -54,3 +58,21 @@ def model_dir(name_or_path: str | os.PathLike) -> Path:
 
 def launch_dir() -> Path:
     return share_dir() / "launch"
+
+
+def fastdds_profile() -> Path:
+    """The package's Fast DDS profile (larger shared-memory segment for raw camera frames)."""
+    return share_dir() / "config" / "fastdds.xml"
+
+
+def fastdds_profile_env(environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """Environment changes that make ROS processes load :func:`fastdds_profile` (value ``None``: unset it).
+
+    A user's choice in ``environ`` (default ``os.environ``) always wins: when either profile variable is set
+    nothing is added; when it is set to an empty string (the way to ask for stock Fast DDS settings) it is
+    removed, since Fast DDS would log an error for an empty path."""
+    environ = os.environ if environ is None else environ
+    names = (FASTDDS_PROFILE_ENV, FASTDDS_PROFILE_ENV_LEGACY)
+    if any(name in environ for name in names):
+        return {name: None for name in names if environ.get(name) == ""}
+    return {FASTDDS_PROFILE_ENV: str(fastdds_profile())}

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -34,14 +35,27 @@ def _parse_overrides(items: list[str]) -> dict[str, dict]:
     return out
 
 
+def node_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment every node process gets: the caller's, unbuffered output, and the package's Fast DDS
+    profile unless the caller chose one (:func:`recap_ros.launch_graph.environment_changes`)."""
+    env = {"PYTHONUNBUFFERED": "1", **environ}
+    for name, value in launch_graph.environment_changes(env).items():
+        if value is None:
+            del env[name]
+        else:
+            env[name] = value
+    return env
+
+
 class Station:
     def __init__(self, specs: list[launch_graph.NodeSpec], workdir: Path, grace_s: float = 5.0):
         self.specs, self.workdir, self.grace_s = specs, workdir, grace_s
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self) -> None:
-        env = dict(os.environ)
-        env.setdefault("PYTHONUNBUFFERED", "1")
+        env = node_env(os.environ)
+        profile = env.get(paths.FASTDDS_PROFILE_ENV, env.get(paths.FASTDDS_PROFILE_ENV_LEGACY))
+        print(f"[recap-station] Fast DDS profile: {profile or 'none (stock settings)'}", flush=True)
         for spec in self.specs:
             params = self.workdir / f"{spec.name}.params.yaml"
             params.write_text(yaml.safe_dump(spec.params_yaml(), sort_keys=False))
