@@ -4,11 +4,12 @@
   first command on robot.command_topic that comes from the new source (goal: <= one 20 ms control tick);
 - forwarding latency: an input command is published -> the first output carrying it;
 - baseline: the same two DDS hops through a trivial echo process (no mux logic), so the mux's own cost is
-  forwarding minus baseline.
+  forwarding minus baseline;
+- output rate: from the header stamps of the commands received (grid ticks on absolute deadlines plus one
+  extra tick per switch), with the interval p50 / p99 / max, goal: the control rate.
 
-Both output modes of the node are measured in one run: ``tick_aligned:=false`` (commands wait for the next
-50 Hz timer tick) and ``tick_aligned:=true`` (a switch is sent at once; the tick moves to 2 ms after the
-active source's command arrives, see TeleopMux.aligned_delay), alternating, and their ratio is printed.
+Each figure is measured idle and with ``--hogs`` busy-loop processes competing for the cores, alternating
+(the machine's own load changes affect both alike); the loaded / idle ratios are printed.
 
 The two sources differ by 1e-4 rad, which the step limit (2 rad/s) lets through on any tick >= 50 us after the
 previous one, so a switch shows in its first tick; joint 0 carries a sequence number (1e-5 rad steps),
@@ -69,7 +70,11 @@ class Bench:
         from sensor_msgs.msg import JointState
         from std_msgs.msg import String
 
-        from recap_ros.rosmsg import COMMAND_QOS, joint_state_msg, positions_from_joint_state
+        from recap_ros.rosmsg import (
+            COMMAND_QOS,
+            joint_state_msg,
+            positions_from_joint_state,
+        )
 
         self.st, self.names, self.String = st, st.robot.joint_names, String
         self.joint_state_msg, self.positions = joint_state_msg, positions_from_joint_state
@@ -81,6 +86,7 @@ class Bench:
         self.switch_t: tuple[str, float] | None = None
         self.switches: list[float] = []
         self.outputs = 0
+        self.stamps: list[int] = []
         self.pub = {i.name: node.create_publisher(JointState, i.topic, COMMAND_QOS) for i in st.mux.inputs}
         self.js = node.create_publisher(JointState, st.robot.joint_states_topic, COMMAND_QOS)
         self.mode_pub = node.create_publisher(String, st.mux.mode_topic, COMMAND_QOS)
@@ -119,6 +125,7 @@ class Bench:
         seq = int(round(q[0] / SEQ_STEP))
         with self.lock:
             self.outputs += 1
+            self.stamps.append(msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec)
             if abs(SOURCE_MARK[source] - q[1]) > 1e-9:
                 return  # a step-limited handover tick (not expected with these inputs)
             if (source, seq) not in self.seen and (source, seq) in self.sent:
@@ -139,24 +146,25 @@ class Bench:
             self.switches.clear()
             self.echo.clear()
             self.seen.clear()
+            self.stamps.clear()
 
 
-def run_mode(st, aligned: bool, duration: float, switch_every: float) -> dict:
+def run_mode(st, hogs: int, duration: float, switch_every: float) -> dict:
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
 
     env = dict(os.environ)
     mux = subprocess.Popen([sys.executable, "-m", "recap_ros.nodes.teleop_mux", "--ros-args", "-p",
-                            f"station:={st.file}", "-p", f"tick_aligned:={str(aligned).lower()}",
-                            "--log-level", "warn"], env=env, start_new_session=True)
+                            f"station:={st.file}", "--log-level", "warn"], env=env, start_new_session=True)
     echo = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--echo"], env=env,
                             start_new_session=True)
-    node = Node(f"mux_bench_{'aligned' if aligned else 'timer'}")
+    node = Node(f"mux_bench_{hogs}_hogs")
     b = Bench(node, st)
     ex = SingleThreadedExecutor()
     ex.add_node(node)
     threading.Thread(target=ex.spin, daemon=True).start()
     stop = threading.Event()
+    hog_procs: list[subprocess.Popen] = []
 
     def feeder():  # 1 % slower than the control rate: the phase to the mux's timer sweeps every 2 s
         next_t = time.monotonic()
@@ -176,6 +184,7 @@ def run_mode(st, aligned: bool, duration: float, switch_every: float) -> dict:
             time.sleep(0.1)
         threading.Thread(target=feeder, daemon=True).start()
         b.mode("policy")
+        hog_procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(hogs)]
         time.sleep(1.0)
         b.reset_stats()
         t_end, source = time.monotonic() + duration, "policy"
@@ -186,9 +195,16 @@ def run_mode(st, aligned: bool, duration: float, switch_every: float) -> dict:
             b.mode(source)
         time.sleep(0.2)
         with b.lock:
-            return {"forward": list(b.forward), "switch": list(b.switches), "echo": list(b.echo)}
+            stamps = np.sort(np.asarray(b.stamps, dtype=np.int64))
+            gaps = list(np.diff(stamps) * 1e-9)
+            span = (stamps[-1] - stamps[0]) * 1e-9 if len(stamps) > 1 else 0.0
+            return {"forward": list(b.forward), "switch": list(b.switches), "echo": list(b.echo),
+                    "intervals": gaps, "span": [span], "extra": [len(b.switches)]}
     finally:
         stop.set()
+        for h in hog_procs:
+            h.kill()
+            h.wait()
         for p in (mux, echo):
             os.killpg(p.pid, signal.SIGINT)
         for p in (mux, echo):
@@ -220,7 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("--station", default="sim")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per output mode")
     ap.add_argument("--quick", action="store_true", help="3 s per mode")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating timer / tick_aligned rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating idle / loaded rounds")
+    ap.add_argument("--hogs", type=int, default=2, help="busy-loop processes in the loaded runs")
     ap.add_argument("--switch-every", type=float, default=0.2, help="seconds between mode switches")
     ap.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -236,30 +253,38 @@ def main(argv=None) -> int:
         raise SystemExit(f"{st.file}: the bench decodes JointState commands (command_type joint_state)")
     duration = 3.0 if args.quick else args.duration
     rounds = 1 if args.quick else args.rounds
-    res = {False: {"forward": [], "switch": [], "echo": []}, True: {"forward": [], "switch": [], "echo": []}}
+    keys = ("forward", "switch", "echo", "intervals", "span", "extra")
+    loads = (0, args.hogs)
+    res = {h: {k: [] for k in keys} for h in loads}
     rclpy.init()
-    try:  # the modes alternate, so a machine whose load changes during the run affects both alike
+    try:  # idle and loaded alternate, so a machine whose load changes during the run affects both alike
         for _ in range(rounds):
-            for aligned in (False, True):
-                for k, v in run_mode(st, aligned, duration / rounds, args.switch_every).items():
-                    res[aligned][k] += v
+            for hogs in loads:
+                for k, v in run_mode(st, hogs, duration / rounds, args.switch_every).items():
+                    res[hogs][k] += v
     finally:
         rclpy.try_shutdown()
     tick_ms = st.robot.period_s * 1e3
-    print(f"teleop_mux latency, station '{st.name}', control tick {tick_ms:.0f} ms, {duration:.0f} s per mode "
+    print(f"teleop_mux latency, station '{st.name}', control tick {tick_ms:.0f} ms, {duration:.0f} s per load "
           f"in {rounds} alternating rounds")
     print(f"  arbitration core, command + tick (no ROS)  {core_cost_us(st):.1f} us")
-    print(f"  baseline 2 DDS hops (echo)    {pct(res[False]['echo'] + res[True]['echo'])}")
-    for aligned in (False, True):
-        r = res[aligned]
-        name = "tick_aligned" if aligned else "timer       "
+    rates = {}
+    for hogs in loads:
+        r = res[hogs]
+        name = f"{hogs} hogs"
         within = np.mean(np.asarray(r["switch"]) <= st.robot.period_s) * 100 if r["switch"] else float("nan")
-        print(f"  {name} switch            {pct(r['switch'])}  <= 1 tick: {within:.0f} %")
-        print(f"  {name} forwarding        {pct(r['forward'])}")
+        # grid rate: received commands minus the extra switch ticks, over the stamp span
+        rates[hogs] = (len(r["intervals"]) - sum(r["extra"])) / max(sum(r["span"]), 1e-9)
+        print(f"  {name} baseline 2 DDS hops (echo)  {pct(r['echo'])}")
+        print(f"  {name} switch                      {pct(r['switch'])}  <= 1 tick: {within:.0f} %")
+        print(f"  {name} forwarding                  {pct(r['forward'])}")
+        print(f"  {name} output interval (stamps)    {pct(r['intervals'])}")
+        print(f"  {name} output rate {rates[hogs]:.2f} Hz = {rates[hogs] / st.robot.control_rate_hz:.3f} x the "
+              f"control rate")
     for key in ("switch", "forward"):
-        a, t = res[True][key], res[False][key]
+        a, t = res[args.hogs][key], res[0][key]
         if a and t:
-            print(f"  ratio tick_aligned / timer, {key:8s} p50 {np.median(a) / np.median(t):.2f}  "
+            print(f"  ratio loaded / idle, {key:8s} p50 {np.median(a) / np.median(t):.2f}  "
                   f"p99 {np.percentile(a, 99) / np.percentile(t, 99):.2f}")
     return 0
 

@@ -2,7 +2,9 @@
 station:=sim``), driven by real rclpy publishers and observed by real subscribers in the test process:
 priority/preemption, mode switching, timeout -> hold, override deadman, latching e-stop, step-limited
 handover, invalid commands never reaching the robot, latched active source / intervention (late joiners too),
-diagnostics, and a clean SIGINT stop."""
+diagnostics, the 50 Hz output rate while CPU hogs compete for the cores, and a clean SIGINT stop."""
+import subprocess
+import sys
 import threading
 import time
 
@@ -33,17 +35,29 @@ class Probe:
         from sensor_msgs.msg import JointState
         from std_msgs.msg import Bool, String
 
-        from recap_ros.rosmsg import (COMMAND_QOS, LATCHED_QOS, command_msg, command_msg_class,
-                                      joint_state_msg, positions_from_command)
+        from recap_ros.rosmsg import (
+            COMMAND_QOS,
+            LATCHED_QOS,
+            command_msg,
+            command_msg_class,
+            joint_state_msg,
+            positions_from_command,
+        )
 
         self.st, self.String, self.Bool = st, String, Bool
         self.node = Node(name)
         n = self.node
         self.cmd, self.active, self.intervention, self.diag = [], [], [], []
+        self.stamps = []  # (receive time, header stamp ns) of every JointState command received
         ctype = st.robot.command_type
-        n.create_subscription(command_msg_class(ctype), st.robot.command_topic,
-                              lambda m: self.cmd.append((time.monotonic(), positions_from_command(m, ctype, NAMES))),
-                              COMMAND_QOS)
+
+        def on_cmd(m):
+            t = time.monotonic()
+            self.cmd.append((t, positions_from_command(m, ctype, NAMES)))
+            if ctype == "joint_state":
+                self.stamps.append((t, m.header.stamp.sec * 10**9 + m.header.stamp.nanosec))
+
+        n.create_subscription(command_msg_class(ctype), st.robot.command_topic, on_cmd, COMMAND_QOS)
         n.create_subscription(String, st.mux.active_topic, lambda m: self.active.append(m.data), LATCHED_QOS)
         n.create_subscription(Bool, st.mux.intervention_topic, lambda m: self.intervention.append(m.data),
                               LATCHED_QOS)
@@ -160,6 +174,34 @@ def test_output_every_tick_from_the_first_joint_state_and_policy_by_default(mux)
     received = len(probe.outputs_since(t0)) / (time.monotonic() - t0)
     print(f"tick rate {rate:.1f} Hz, received {received:.1f} Hz")
     assert received >= 0.5 * rate  # loose: this process may be starved on a loaded machine
+
+
+def test_output_holds_the_control_rate_while_cpu_hogs_run(mux):
+    """The robot gets a steady 50 Hz command stream (50 +- 2 Hz over 6 s, from the header stamps it receives)
+    while two busy-loop processes compete for the cores and the mode switches back and forth."""
+    probe, _, _ = mux
+    reset(probe)
+    probe.feed["teleop"] = T
+    probe.wait_active("teleop")
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        for k in range(12):  # switches publish an extra (step-limited) tick each: at most 12 in 6 s
+            probe.mode("policy" if k % 2 == 0 else "teleop")
+            time.sleep(0.5)
+        t1 = time.monotonic()
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    stamps = np.asarray(sorted(s for t, s in list(probe.stamps) if t0 <= t <= t1), dtype=np.int64)
+    span = (stamps[-1] - stamps[0]) * 1e-9
+    rate = (len(stamps) - 1 - 12) / span  # the grid's rate, without the switch ticks
+    gaps = np.diff(stamps) * 1e-6
+    print(f"output rate under load {rate:.2f} Hz over {span:.1f} s, interval p50 {np.median(gaps):.1f} ms "
+          f"max {gaps.max():.1f} ms")
+    assert span >= 5.0 and 48.0 <= rate <= 52.0, rate
 
 
 def test_mode_switch_handover_is_step_limited_and_flags_follow(mux):

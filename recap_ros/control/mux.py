@@ -38,8 +38,15 @@ has the wrong number of joints or lies outside a joint limit is dropped and coun
 input is treated as having no command (hold) until its next valid message. The output is step-limited on
 every tick: each joint moves at most ``max_velocity * dt`` (dt = time since the previous tick, at most one
 control period) towards the target, so a handover (source switch, lock release, hold -> source) never jumps
-and converges to the new source; a source that respects the velocity limits is forwarded unchanged.
+and converges to the new source, and an extra tick between two regular ones never exceeds the velocity
+limits; a source that respects the velocity limits is forwarded unchanged.
 ``intervention`` is true while a ``human`` input is the active source.
+
+When to tick
+------------
+The caller ticks on a fixed grid at the control rate, and once more at once whenever :attr:`switch_pending`
+is set (a mode / override / lock change or a preemption since the last tick), so the new source's first
+command goes out without waiting for the grid.
 """
 from __future__ import annotations
 
@@ -51,12 +58,6 @@ import numpy as np
 from recap_ros.station import Mux, MuxInput, MuxLock, Robot
 
 HOLD = "hold"
-# Tick-aligned forwarding (see TeleopMux.aligned_delay): the control tick is moved to this many periods
-# after the arrival of the active source's command (the jitter it tolerates; 2 ms at 50 Hz) ...
-ALIGN_MARGIN_PERIODS = 0.1
-# ... when the previous tick is at least this many periods ago, or the previous two forwarded commands each
-# waited that long for their tick (a persistently bad phase: then one tick interval is allowed to be short).
-ALIGN_MIN_SPACING_PERIODS = 0.5
 
 
 @dataclass
@@ -67,7 +68,6 @@ class _InputState:
     rejected_reason: str = ""
     received: int = 0
     dropped: int = 0
-    fresh: bool = False  # a valid command arrived since the last tick
 
     def age(self, now: float) -> float:
         return now - self.received_s
@@ -118,7 +118,8 @@ class MuxStats:
 
 class TeleopMux:
     """The arbitration state machine. Call the ``on_*`` methods from subscriptions and :meth:`tick` from the
-    control timer; none of them raises on bad input (they return / record a reason instead)."""
+    control loop (and at once while :attr:`switch_pending`); none of them raises on bad input (they return /
+    record a reason instead). Not thread-safe: the caller serialises all calls."""
 
     def __init__(self, mux: Mux, robot: Robot):
         self.mux, self.robot = mux, robot
@@ -138,9 +139,7 @@ class TeleopMux:
         self.reason = "no joint state received yet"
         self.converging = False
         self._last_tick_s: float | None = None
-        self._next_tick_s = math.inf  # when the caller's timer fires next (one period after a tick)
-        self._long_waits = 0  # consecutive forwarded commands that waited >= ALIGN_MIN_SPACING for a tick
-        self._switch_pending = False  # a mode / override / lock change since the last tick
+        self.switch_pending = False  # a mode / override / lock change or a preemption since the last tick
 
     # ------------------------------------------------------------------------------------------ inputs
     @property
@@ -189,7 +188,6 @@ class TeleopMux:
         st.received_s = now
         st.rejected_reason = ""
         st.received += 1
-        st.fresh = True
         if not was_live:
             self._maybe_preempt(st, now)
         return None
@@ -199,7 +197,6 @@ class TeleopMux:
         st = self.inputs[name]
         st.dropped += 1
         st.positions = None
-        st.fresh = False
         st.rejected_reason = why
         return f"{name}: command dropped: {why}"
 
@@ -212,7 +209,7 @@ class TeleopMux:
         self._event(f"{st.spec.name} (human, priority {st.spec.priority}) started publishing: it preempts "
                     f"mode '{self.mode}' (priority {self.inputs[self.mode].spec.priority})")
         self.mode = st.spec.name
-        self._switch_pending = True
+        self.switch_pending = True
 
     def on_mode(self, text: str) -> str | None:
         """A mode request (input name or "hold"). Returns the rejection reason or None."""
@@ -222,7 +219,7 @@ class TeleopMux:
         if text != self.mode:
             self._event(f"mode {self.mode} -> {text}")
             self.mode = text
-            self._switch_pending = True
+            self.switch_pending = True
         return None
 
     def on_override(self, value: bool) -> None:
@@ -231,7 +228,7 @@ class TeleopMux:
             self._event(f"override {'on' if value else 'off'}: "
                         f"{self.mux.override_input if value else self.mode} selected")
             self.override = value
-            self._switch_pending = True
+            self.switch_pending = True
 
     def on_lock(self, name: str, value: bool, now: float) -> None:
         lk = self.locks[name]
@@ -242,7 +239,7 @@ class TeleopMux:
         now_engaged = bool(lk.engaged_reason(now))
         if now_engaged != was:
             self._event(f"lock '{name}' {'engaged' if now_engaged else 'released'}")
-            self._switch_pending = True
+            self.switch_pending = True
 
     # ------------------------------------------------------------------------------------------ arbitration
     def _mask_reason(self, spec: MuxInput, now: float) -> str:
@@ -273,39 +270,6 @@ class TeleopMux:
             return HOLD, f"{name}{via}: stale (last command {st.age(now):.3f} s ago > timeout {st.spec.timeout_s} s)"
         return name, ""
 
-    def aligned_delay(self, now: float) -> float | None:
-        """Tick-aligned forwarding, called after every message. Returns when the next tick should happen, in
-        seconds from now, or None to leave the caller's timer alone (it ticks one period after the last
-        tick). The caller re-arms its timer to that delay (and back to the control period after that tick).
-
-        - mode / override / lock changed: 0.0 (tick now: the new source's first tick is not delayed);
-        - a fresh command from the active source: ALIGN_MARGIN_PERIODS after its arrival, so a source at the
-          control rate locks in: each of its commands is forwarded that margin after it arrives, whatever its
-          phase, and the lock follows a slow drift of the source's phase. Not when the previous tick is less
-          than ALIGN_MIN_SPACING_PERIODS ago (a faster source is forwarded every other command or so) unless
-          the last two forwarded commands both waited that long (a persistently bad phase), and never later
-          than ALIGN_MARGIN_PERIODS after the timer's own tick. So tick intervals stay within
-          (ALIGN_MIN_SPACING + ALIGN_MARGIN, 1 + ALIGN_MARGIN) periods, except the first tick after a switch
-          and the one tick that leaves a bad phase; a source slower than 1 / (1 + ALIGN_MARGIN) periods gets
-          ticks at the control rate in between its commands.
-        The step limit scales with the elapsed time, so an early tick never exceeds the velocity limits."""
-        if not self.ready:
-            return None
-        if self._switch_pending:
-            return 0.0
-        name = self.candidate()
-        if name == HOLD or not self.inputs[name].fresh or self._last_tick_s is None:
-            return None
-        margin = ALIGN_MARGIN_PERIODS * self.period_s
-        target = now + margin
-        if target > self._next_tick_s + margin:  # arrived after the timer's tick would have sent it
-            return None
-        min_gap = ALIGN_MIN_SPACING_PERIODS * self.period_s
-        if now - self._last_tick_s < min_gap and self._long_waits < 2:
-            return None
-        self._next_tick_s = target
-        return target - now
-
     def tick(self, now: float) -> Tick:
         """One control tick: the command to publish now (the hold position while holding)."""
         if not self.ready:
@@ -318,13 +282,7 @@ class TeleopMux:
         self.converging = bool(np.any(np.abs(target - out) > 1e-12))
         self.output = out
         self._last_tick_s = now
-        self._next_tick_s = now + self.period_s
-        if source != HOLD and self.inputs[source].fresh:
-            waited = now - self.inputs[source].received_s >= ALIGN_MIN_SPACING_PERIODS * self.period_s
-            self._long_waits = self._long_waits + 1 if waited else 0
-        self._switch_pending = False
-        for st in self.inputs.values():
-            st.fresh = False
+        self.switch_pending = False
         intervention = source != HOLD and self.inputs[source].spec.human
         changed = source != self.source or intervention != self.intervention
         if changed:

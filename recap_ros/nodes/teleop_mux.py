@@ -12,25 +12,32 @@ Wiring only; the arbitration (modes, priorities, locks, timeouts, validation, st
   ``mux.active_topic`` (String) and ``mux.intervention_topic`` (Bool) latched, on every change;
   ``/diagnostics`` once per ``diagnostics_period_s`` and on every change of the active source.
 
-Parameters: ``station`` (name or path), ``tick_aligned`` (default true: a fresh command from the active
-source, or a mode / override / lock change, is forwarded at once instead of waiting up to one control period
-for the timer: the next tick is moved just after the command's arrival (2 ms at 50 Hz), so a source at the
-control rate is forwarded in its own phase, one command per tick, never waiting for a timer in another
-phase; ticks only ever move earlier, so the output never falls below the control rate (see
-TeleopMux.aligned_delay); false: every command waits for the fixed timer),
-``diagnostics_period_s`` (1.0).
+Timing: the command ticks run on a :class:`~recap_ros.control.ticker.DeadlineLoop` thread on absolute
+monotonic deadlines at the control rate, so neither a late source nor a busy executor lowers the output rate
+(a missed deadline is skipped and counted in the diagnostics, never shifts the grid). A mode / override /
+lock change or a preemption publishes its first tick at once from the callback (an extra tick, step-limited
+by the time since the previous one); the grid then continues. The arbitration state and the command
+publication are serialised by one lock, so the loop thread and the callbacks never interleave. A command is
+forwarded by the next grid tick (at most one control period later): aligning the grid to the source's phase
+would mean moving it, i.e. intervals longer or shorter than one period.
+
+Parameters: ``station`` (name or path), ``realtime_priority`` (0: normal scheduling; > 0: SCHED_FIFO for
+the tick thread, when permitted), ``diagnostics_period_s`` (1.0).
 """
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
+import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.node import Node
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool, String
 
 from recap_ros.control.mux import HOLD, TeleopMux
+from recap_ros.control.ticker import DeadlineLoop, PeriodMonitor
 from recap_ros.nodes import run_node
 from recap_ros.rosmsg import (
     COMMAND_QOS,
@@ -50,11 +57,13 @@ class TeleopMuxNode(Node):
     def __init__(self):
         super().__init__("teleop_mux")
         self.station = load_station(self.declare_parameter("station", "sim").value)
-        self.tick_aligned = bool(self.declare_parameter("tick_aligned", True).value)
+        priority = int(self.declare_parameter("realtime_priority", 0).value)
         diag_period = float(self.declare_parameter("diagnostics_period_s", 1.0).value)
         robot, mux = self.station.robot, self.station.mux
         self.names = robot.joint_names
         self.core = TeleopMux(mux, robot)
+        self._lock = threading.Lock()  # serialises self.core and the command publication
+        self.switch_ticks = 0
 
         self.pub_cmd = self.create_publisher(command_msg_class(robot.command_type), robot.command_topic,
                                              COMMAND_QOS)
@@ -72,20 +81,24 @@ class TeleopMuxNode(Node):
         self.create_subscription(Bool, mux.override_topic, self._on_override, COMMAND_QOS)
         self._joint_sub = self.create_subscription(JointState, robot.joint_states_topic, self._on_joint_state,
                                                    COMMAND_QOS)
-        self._period_ns = int(robot.period_s * 1e9)
-        self._timer_ns = self._period_ns
-        self.timer = self.create_timer(robot.period_s, self._on_timer)
         self.create_timer(diag_period, self._publish_diagnostics)
+        self.monitor = PeriodMonitor(robot.period_s)
+        self.loop = DeadlineLoop(robot.period_s, lambda periods, now_ns: self._tick(), self.monitor,
+                                 self._on_loop_error, priority=priority, name="teleop_mux ticks")
+        self.loop.start()
         self.get_logger().info(
             f"station '{self.station.name}': inputs {[(i.name, i.topic, i.priority) for i in mux.inputs]}, "
             f"locks {[(lk.name, lk.topic, lk.priority) for lk in mux.locks]}, mode '{self.core.mode}', "
             f"output {robot.command_topic} ({robot.command_type}) at {robot.control_rate_hz} Hz, "
-            f"tick_aligned={self.tick_aligned}; waiting for {robot.joint_states_topic}")
+            f"ticks on absolute deadlines ({'SCHED_FIFO requested' if priority > 0 else 'normal scheduling'}); "
+            f"waiting for {robot.joint_states_topic}")
 
     # ------------------------------------------------------------------------------------------ callbacks
     def _on_joint_state(self, msg: JointState) -> None:
         try:
-            err = self.core.on_joint_state(positions_from_joint_state(msg, self.names), time.monotonic())
+            q = positions_from_joint_state(msg, self.names)
+            with self._lock:
+                err = self.core.on_joint_state(q, time.monotonic())
         except MessageError as e:
             err = f"joint state not usable as the initial hold position: {e}"
         if err:
@@ -95,75 +108,83 @@ class TeleopMuxNode(Node):
         self._after_event()
 
     def _on_input(self, inp, msg) -> None:
-        now = time.monotonic()
         try:
-            err = self.core.on_command(inp.name, positions_from_command(msg, inp.type, self.names), now)
+            q, why = positions_from_command(msg, inp.type, self.names), None
         except MessageError as e:
-            err = self.core.reject(inp.name, str(e))
+            q, why = None, str(e)
+        with self._lock:
+            now = time.monotonic()
+            err = self.core.reject(inp.name, why) if why else self.core.on_command(inp.name, q, now)
+            dropped = self.core.inputs[inp.name].dropped
         if err:
-            self.get_logger().warning(f"{err} (from {inp.topic}; {self.core.inputs[inp.name].dropped} dropped)",
-                                      throttle_duration_sec=1.0)
+            self.get_logger().warning(f"{err} (from {inp.topic}; {dropped} dropped)", throttle_duration_sec=1.0)
         self._after_event()
 
     def _on_mode(self, msg: String) -> None:
-        err = self.core.on_mode(msg.data)
+        with self._lock:
+            err = self.core.on_mode(msg.data)
         if err:
             self.get_logger().warning(f"{err} (from {self.station.mux.mode_topic})")
         self._after_event()
 
     def _on_override(self, msg: Bool) -> None:
-        self.core.on_override(msg.data)
+        with self._lock:
+            self.core.on_override(msg.data)
         self._after_event()
 
     def _on_lock(self, name: str, msg: Bool) -> None:
-        self.core.on_lock(name, msg.data, time.monotonic())
+        with self._lock:
+            self.core.on_lock(name, msg.data, time.monotonic())
         self._after_event()
 
     def _after_event(self) -> None:
-        for line in self.core.drain_events():
-            self.get_logger().info(line)
-        delay = self.core.aligned_delay(time.monotonic()) if self.tick_aligned else None
-        if delay == 0.0:  # a switch: its first tick now, the control period from here
-            self._tick()
-            self._arm_timer(self._period_ns)
-        elif delay is not None:  # move the next tick earlier, just after this command's arrival
-            self._arm_timer(max(1, int(delay * 1e9)))
+        """A switch (mode / override / lock change, preemption) gets its first tick now; then the grid."""
+        self._tick(switch=True)
 
-    def _on_timer(self) -> None:
-        self._tick()
-        if self._timer_ns != self._period_ns:  # a moved tick: the control period again, from this tick
-            self._arm_timer(self._period_ns)
-
-    def _arm_timer(self, period_ns: int) -> None:
-        """The timer's next tick is period_ns from now, then every period_ns."""
-        if period_ns != self._timer_ns:
-            self.timer.timer_period_ns = period_ns
-            self._timer_ns = period_ns
-        self.timer.reset()
+    def _on_loop_error(self, e: Exception) -> None:
+        if rclpy.ok():  # after shutdown a publish fails; nothing to report then
+            self.get_logger().error(f"tick: {type(e).__name__}: {e}", throttle_duration_sec=1.0)
 
     # ------------------------------------------------------------------------------------------ output
-    def _tick(self) -> None:
-        t = self.core.tick(time.monotonic())
-        if t.positions is None:
-            return
-        self.pub_cmd.publish(command_msg(self.station.robot.command_type, self.names, t.positions, now_ns(self)))
-        if t.source_changed:
-            self._publish_source(t.source, t.intervention)
-            self._publish_diagnostics()
-        for line in self.core.drain_events():  # source switches, with the reason when holding
+    def _tick(self, switch: bool = False) -> None:
+        """A grid tick, or (switch=True) the immediate tick of a switch when one is pending."""
+        with self._lock:
+            if switch and not self.core.switch_pending:
+                t = None
+            else:
+                t = self.core.tick(time.monotonic())
+                self.switch_ticks += switch
+                if t.positions is not None:
+                    self.pub_cmd.publish(command_msg(self.station.robot.command_type, self.names, t.positions,
+                                                     now_ns(self)))
+                    if t.source_changed:
+                        self._publish_source(t.source, t.intervention)
+            events = self.core.drain_events()
+        for line in events:  # mode changes, source switches (with the reason when holding)
             self.get_logger().info(line)
+        if t is not None and t.positions is not None and t.source_changed:
+            self._publish_diagnostics()
 
     def _publish_source(self, source: str, intervention: bool) -> None:
         self.pub_active.publish(String(data=source))
         self.pub_intervention.publish(Bool(data=intervention))
 
     def _publish_diagnostics(self) -> None:
-        c = self.core
-        holding_by_choice = c.source != HOLD or c.reason == "mode hold"
-        self.pub_diag.publish(diagnostic_array(now_ns(self), [(
-            "teleop_mux: arbitration", DiagnosticStatus.OK if holding_by_choice else DiagnosticStatus.WARN,
-            f"driven by {c.source}" if c.source != HOLD else f"holding: {c.reason}",
-            c.status(time.monotonic()))], hardware_id=self.station.name))
+        with self._lock:
+            c = self.core
+            holding_by_choice = c.source != HOLD or c.reason == "mode hold"
+            level = DiagnosticStatus.OK if holding_by_choice else DiagnosticStatus.WARN
+            message = f"driven by {c.source}" if c.source != HOLD else f"holding: {c.reason}"
+            values = {**c.status(time.monotonic()), "switch_ticks": str(self.switch_ticks),
+                      **{k: f"{v:.3f}" if isinstance(v, float) else str(v)
+                         for k, v in self.monitor.summary().items()}}
+            stamp = now_ns(self)
+        self.pub_diag.publish(diagnostic_array(stamp, [("teleop_mux: arbitration", level, message, values)],
+                                               hardware_id=self.station.name))
+
+    def destroy_node(self):
+        self.loop.stop()
+        return super().destroy_node()
 
 
 def main(args=None) -> int:
