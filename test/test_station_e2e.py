@@ -55,11 +55,12 @@ def test_sim_station_runs_and_stops(rclpy_context, spin, station_file, tmp_path)
         for cam in st.cameras:
             stamps[cam.name] = []
             node.create_subscription(Image, cam.image_topic,
-                                     lambda m, k=cam.name: stamps[k].append(time.monotonic()), SENSOR_QOS)
+                                     lambda m, k=cam.name: stamps[k].append(time.monotonic()), SENSOR_QOS,
+                                     raw=True)  # counting only: no deserialisation cost in this process
         node.create_subscription(JointState, st.robot.joint_states_topic,
-                                 lambda m: stamps["joints"].append(time.monotonic()), COMMAND_QOS)
+                                 lambda m: stamps["joints"].append(time.monotonic()), COMMAND_QOS, raw=True)
         node.create_subscription(JointState, st.robot.command_topic,
-                                 lambda m: stamps["command"].append(time.monotonic()), COMMAND_QOS)
+                                 lambda m: stamps["command"].append(time.monotonic()), COMMAND_QOS, raw=True)
         spin(node)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not all(stamps[k] for k in stamps):

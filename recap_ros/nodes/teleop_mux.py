@@ -21,8 +21,9 @@ publication are serialised by one lock, so the loop thread and the callbacks nev
 forwarded by the next grid tick (at most one control period later): aligning the grid to the source's phase
 would mean moving it, i.e. intervals longer or shorter than one period.
 
-Parameters: ``station`` (name or path), ``realtime_priority`` (0: normal scheduling; > 0: SCHED_FIFO for
-the tick thread, when permitted), ``diagnostics_period_s`` (1.0).
+Parameters: ``station`` (name or path), ``realtime_priority`` (default 60, above the policy server's
+tick thread: the mux is the last hop to the robot; SCHED_FIFO for the tick thread when permitted, e.g. root or
+an rtprio limit; 0: normal scheduling), ``diagnostics_period_s`` (1.0).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ class TeleopMuxNode(Node):
     def __init__(self):
         super().__init__("teleop_mux")
         self.station = load_station(self.declare_parameter("station", "sim").value)
-        priority = int(self.declare_parameter("realtime_priority", 0).value)
+        priority = int(self.declare_parameter("realtime_priority", 60).value)
         diag_period = float(self.declare_parameter("diagnostics_period_s", 1.0).value)
         robot, mux = self.station.robot, self.station.mux
         self.names = robot.joint_names
