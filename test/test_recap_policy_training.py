@@ -45,6 +45,17 @@ def test_indicator_dropout_rate_is_0_3(monkeypatch):
     assert set(seen) == {None, True}
 
 
+def test_normalisation_clipped_for_degenerate_joints():
+    x = np.zeros((100, 14))
+    x[:, 0] = np.linspace(-1, 1, 100)                     # joint 0 moves, the others never do
+    stats = tp.compute_norm_stats(x, x)
+    y = np.zeros((2, 14))
+    y[1, 5] = 1e-3                                        # a correction nudges a joint that never moved
+    n = tp.normalized(stats["actions"], y, "quantile")
+    assert np.abs(n).max() <= tp.NORM_CLIP and n[1, 5] == tp.NORM_CLIP
+    np.testing.assert_allclose(n[:, 0], stats["actions"].normalize(y, "quantile")[:, 0])
+
+
 def test_training_indicators_sft_labels_and_interventions():
     f = frames()
     assert tp.training_indicators(f, sft=True).all()

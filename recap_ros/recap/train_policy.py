@@ -31,6 +31,10 @@ from recap_ros.recap import trainer
 from recap_ros.recap.data import Frames
 
 DROP_PROB = 0.3
+# Normalised state / actions are clipped to this range. Quantile statistics of a joint that never moved in the
+# data the bundle was first trained on (a gripper held at one value) have a ~1e-6 range, so a later correction
+# that moves it by 1e-4 would normalise to ~100 and swamp the loss; the model cannot represent it anyway.
+NORM_CLIP = 3.0
 
 
 def training_indicators(frames: Frames, sft: bool) -> np.ndarray:
@@ -42,6 +46,11 @@ def training_indicators(frames: Frames, sft: bool) -> np.ndarray:
     return frames.indicator | frames.intervention
 
 
+def normalized(stats: Stats, x: np.ndarray, mode: str) -> np.ndarray:
+    """Bundle normalisation of x, clipped to [-NORM_CLIP, NORM_CLIP] (float32)."""
+    return np.clip(stats.normalize(np.asarray(x, np.float64), mode), -NORM_CLIP, NORM_CLIP).astype(np.float32)
+
+
 class _PolicyLoss(nn.Module):
     """forward(indices) -> flow-matching loss of those frames with dropped-out advantage indicators."""
 
@@ -51,10 +60,8 @@ class _PolicyLoss(nn.Module):
         self.model, self.frames, self.ind, self.drop = model, frames, indicators, drop_prob
         c = model.config
         self.enc = prompt_encoder_for(model)
-        self.state = torch.from_numpy(stats["state"].normalize(frames.state.astype(np.float64),
-                                                               c.normalization).astype(np.float32))
-        self.chunk = torch.from_numpy(stats["actions"].normalize(frames.action_chunk.astype(np.float64),
-                                                                 c.normalization).astype(np.float32))
+        self.state = torch.from_numpy(normalized(stats["state"], frames.state, c.normalization))
+        self.chunk = torch.from_numpy(normalized(stats["actions"], frames.action_chunk, c.normalization))
 
     def forward(self, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         f = self.frames
