@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from recap_ros.policy.normalize import MIN_SPAN, NORM_CLIP
 from recap_ros.recap import train_policy as tp
 from recap_ros.recap.data import concat, episode_frames
 
@@ -45,15 +46,20 @@ def test_indicator_dropout_rate_is_0_3(monkeypatch):
     assert set(seen) == {None, True}
 
 
-def test_normalisation_clipped_for_degenerate_joints():
+def test_normalisation_bounded_for_degenerate_joints():
     x = np.zeros((100, 14))
     x[:, 0] = np.linspace(-1, 1, 100)                     # joint 0 moves, the others never do
     stats = tp.compute_norm_stats(x, x)
     y = np.zeros((2, 14))
     y[1, 5] = 1e-3                                        # a correction nudges a joint that never moved
     n = tp.normalized(stats["actions"], y, "quantile")
-    assert np.abs(n).max() <= tp.NORM_CLIP and n[1, 5] == tp.NORM_CLIP
+    assert n[1, 5] == pytest.approx(1e-3 / (MIN_SPAN / 2))  # scaled by the floored range, not by ~0
+    y[1, 5] = 1.0                                         # far outside anything seen: clipped
+    n = tp.normalized(stats["actions"], y, "quantile")
+    assert np.abs(n).max() <= NORM_CLIP and n[1, 5] == NORM_CLIP
     np.testing.assert_allclose(n[:, 0], stats["actions"].normalize(y, "quantile")[:, 0])
+    # the runtime path (Stats.normalize) is the same function: no train/serve skew
+    np.testing.assert_array_equal(n, stats["actions"].normalize(y, "quantile").astype(np.float32))
 
 
 def test_training_indicators_sft_labels_and_interventions():

@@ -1,9 +1,14 @@
 """State / action normalisation with openpi's ``norm_stats.json`` format.
 
 File: ``{"norm_stats": {"state": {"mean": [...], "std": [...], "q01": [...], "q99": [...]}, "actions": {...}}}``.
-Modes (bundle config ``normalization``): ``quantile`` (π0.5: (x − q01) / (q99 − q01 + 1e-6) · 2 − 1, so the
-1–99 % range maps to [−1, 1]) and ``zscore`` (π0: (x − mean) / (std + 1e-6)). Actions are ABSOLUTE joint
+Modes (bundle config ``normalization``): ``quantile`` (π0.5: (x − q01) / (q99 − q01) · 2 − 1, so the
+1–99 % range maps to [−1, 1]) and ``zscore`` (π0: (x − mean) / std). Actions are ABSOLUTE joint
 positions in robot units (radians, grippers 0..1), the same space as the state, station joint order.
+
+A joint that never moved in the training data (a gripper held at one value) has a ~0 range; dividing by it
+would turn a 1e-4 deviation at run time into a normalised value of ~100, far outside anything the model saw.
+So ranges are floored at MIN_SPAN (robot units) and normalised values are clipped to ±NORM_CLIP, identically
+in training and at run time.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ import numpy as np
 
 from recap_ros.policy.errors import PolicyError
 
-EPS = 1e-6
+MIN_SPAN = 1e-2  # robot units (rad, gripper fraction): smallest q99 − q01 (and 2·std) used for scaling
+NORM_CLIP = 3.0  # normalised values are clipped to ±NORM_CLIP
 KEYS = ("state", "actions")
 FIELDS = ("mean", "std", "q01", "q99")
 
@@ -31,15 +37,19 @@ class Stats:
     def dim(self) -> int:
         return int(self.mean.shape[0])
 
-    def normalize(self, x: np.ndarray, mode: str) -> np.ndarray:
+    def _scale(self, mode: str) -> tuple[np.ndarray, np.ndarray]:
+        """(offset, half-range): normalised = (x − offset) / half-range."""
         if mode == "quantile":
-            return (x - self.q01) / (self.q99 - self.q01 + EPS) * 2.0 - 1.0
-        return (x - self.mean) / (self.std + EPS)
+            return (self.q01 + self.q99) / 2.0, np.maximum(self.q99 - self.q01, MIN_SPAN) / 2.0
+        return self.mean, np.maximum(self.std, MIN_SPAN / 2.0)
+
+    def normalize(self, x: np.ndarray, mode: str) -> np.ndarray:
+        offset, half = self._scale(mode)
+        return np.clip((x - offset) / half, -NORM_CLIP, NORM_CLIP)
 
     def unnormalize(self, x: np.ndarray, mode: str) -> np.ndarray:
-        if mode == "quantile":
-            return (x + 1.0) / 2.0 * (self.q99 - self.q01 + EPS) + self.q01
-        return x * (self.std + EPS) + self.mean
+        offset, half = self._scale(mode)
+        return x * half + offset
 
     def to_json(self) -> dict:
         return {f: getattr(self, f).astype(float).tolist() for f in FIELDS}

@@ -31,10 +31,6 @@ from recap_ros.recap import trainer
 from recap_ros.recap.data import Frames
 
 DROP_PROB = 0.3
-# Normalised state / actions are clipped to this range. Quantile statistics of a joint that never moved in the
-# data the bundle was first trained on (a gripper held at one value) have a ~1e-6 range, so a later correction
-# that moves it by 1e-4 would normalise to ~100 and swamp the loss; the model cannot represent it anyway.
-NORM_CLIP = 3.0
 
 
 def training_indicators(frames: Frames, sft: bool) -> np.ndarray:
@@ -47,8 +43,8 @@ def training_indicators(frames: Frames, sft: bool) -> np.ndarray:
 
 
 def normalized(stats: Stats, x: np.ndarray, mode: str) -> np.ndarray:
-    """Bundle normalisation of x, clipped to [-NORM_CLIP, NORM_CLIP] (float32)."""
-    return np.clip(stats.normalize(np.asarray(x, np.float64), mode), -NORM_CLIP, NORM_CLIP).astype(np.float32)
+    """Bundle normalisation of x (float32), as the runtime does it (range floor, clip)."""
+    return stats.normalize(np.asarray(x, np.float64), mode).astype(np.float32)
 
 
 class _PolicyLoss(nn.Module):
