@@ -5,6 +5,7 @@ Shared by every node so that images, joint commands and stamps are converted in 
 """
 from __future__ import annotations
 
+import struct
 from typing import Sequence
 
 import numpy as np
@@ -41,6 +42,15 @@ def stamp_to_ns(stamp: Time) -> int:
 
 def ns_to_stamp(ns: int) -> Time:
     return Time(sec=int(ns // 1_000_000_000), nanosec=int(ns % 1_000_000_000))
+
+
+def header_stamp_ns(raw: bytes) -> int:
+    """header.stamp (ns) of a serialized message whose first field is a std_msgs/Header (Image, JointState,
+    ...), read from the CDR bytes of a raw subscription without deserialising the rest (e.g. 600 kB of pixels)."""
+    if len(raw) < 12 or raw[0] != 0 or raw[1] not in (0, 1):
+        raise MessageError(f"not a CDR-encapsulated message ({len(raw)} bytes)")
+    sec, nanosec = struct.unpack_from("<iI" if raw[1] == 1 else ">iI", raw, 4)
+    return sec * 1_000_000_000 + nanosec
 
 
 def now_ns(node) -> int:

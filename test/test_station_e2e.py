@@ -1,11 +1,14 @@
 """The whole sim station through `recap-station`: rates measured by a subscriber for >= 5 s, the policy
-drives the robot through the mux, episodes are recorded, and SIGINT stops every process within 5 s."""
+drives the robot through the mux (the scripted corrector takes over when it stalls), episodes are recorded
+with their outcome, SIGINT stops every process within 5 s, and the recorded bags export to a RECAP dataset
+whose labels equal the hand-computed ones."""
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import yaml
 
@@ -76,6 +79,11 @@ def test_sim_station_runs_and_stops(rclpy_context, spin, station_file, tmp_path)
         for cam in st.cameras:
             assert 27.0 <= rates[cam.name] <= 33.0, rates
         assert rates["command"] >= 45.0, rates  # the mux publishes every tick (policy or hold)
+        # let at least one episode finish (success, or failure on timeout / keep-out) so it is labelled
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not _labelled_bags(tmp_path / "bags"):
+            assert proc.poll() is None, (tmp_path / "station.log").read_text()[-3000:]
+            time.sleep(0.5)
     finally:
         nodes = _children(proc.pid)
         t_int = time.monotonic()
@@ -88,4 +96,50 @@ def test_sim_station_runs_and_stops(rclpy_context, spin, station_file, tmp_path)
     assert elapsed <= 5.5, f"station took {elapsed:.1f} s to stop\n{text[-3000:]}"
     assert "ignored SIGINT" not in text
     assert nodes and not any(_alive(p) for p in nodes)
-    assert list((tmp_path / "bags").glob("sim_*")), "the recorder wrote no episode bag"
+    labelled = _labelled_bags(tmp_path / "bags")
+    assert labelled, "no episode bag with an outcome label"
+
+    # the recorded episodes -> LeRobot dataset with RECAP labels
+    from recap_ros.export.cli import main as export_main
+    from recap_ros.export.dataset import RecapDataset
+    from recap_ros.recap.returns import episode_labels
+
+    out = tmp_path / "dataset"
+    assert export_main([str(tmp_path / "bags"), "--out", str(out), "--quiet"]) == 0
+    ds = RecapDataset(out)
+    metas = [ds.episode_meta(ep) for ep in range(ds.num_episodes)]
+    # every labelled bag is exported (a gap beyond tolerance may split one into segments); the unlabelled
+    # last episode (stopped by SIGINT) is skipped
+    assert {m["recap/source_bag"] for m in metas} == {b.name for b in labelled}
+    max_len = int(st.sim.episode_timeout_s * st.robot.control_rate_hz)
+    for ep, meta in enumerate(metas):
+        e = ds.episode(ep)
+        n = len(e["frame_index"])
+        success = bool(e["episode_success"][0])
+        # labels of the whole episode, by hand from its outcome and length, cut to this segment
+        full = episode_labels(meta["recap/episode_ticks"], success, max_len=max_len, c_fail=max_len)
+        lo = meta["recap/first_tick"]
+        want = {k: v[lo:lo + n] for k, v in full.items()}
+        np.testing.assert_array_equal(e["next.reward"], want["reward"])
+        np.testing.assert_array_equal(e["return"], want["return"])
+        np.testing.assert_allclose(e["return_normalized"], want["return_normalized"])
+        np.testing.assert_array_equal(e["return_bin"], want["return_bin"])
+        assert e["observation.state"].shape == (n, 14) and e["action"].shape == (n, 14)
+        print(f"episode {ep}: {n} frames, success={success}, interventions={int(e['intervention'].sum())}, "
+              f"task={e['task']!r}, segment {meta['recap/segment'] + 1}/{meta['recap/segments']}")
+    images = ds.images(0)
+    assert all(v.shape[0] == len(ds.episode(0)["frame_index"]) for v in images.values())
+
+
+def _labelled_bags(root):
+    from recap_ros.recording.bag import K_OUTCOME, read_metadata
+
+    out = []
+    for bag in sorted(root.glob("sim_*")):
+        try:
+            custom = read_metadata(bag)["rosbag2_bagfile_information"].get("custom_data") or {}
+        except Exception:  # still being written
+            continue
+        if custom.get(K_OUTCOME) in ("success", "failure"):
+            out.append(bag)
+    return out

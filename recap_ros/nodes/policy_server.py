@@ -47,6 +47,7 @@ from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
+from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Float64, String
 from std_srvs.srv import Trigger
@@ -81,7 +82,7 @@ def _drain(q: queue.SimpleQueue):
 @dataclass(frozen=True)
 class _Job:
     request: Request
-    images: tuple           # sensor_msgs/Image, station camera order (base, left wrist, right wrist)
+    images: tuple           # serialized sensor_msgs/Image, station camera order (base, left wrist, right wrist)
     state: np.ndarray
     prompt: str
     beta: float
@@ -115,8 +116,8 @@ class PolicyServer(Node):
         self.seed = p("seed", 0, "noise seed of the first chunk (+1 per chunk)")
         tick_source = p("tick_source", "thread", "thread (deadline thread) | timer (rclpy timer)")
         tick_priority = p("tick_priority", 50, "SCHED_FIFO priority of the tick thread (0: none)")
-        self.ros_priority = p("ros_priority", 40, "SCHED_FIFO priority of the ROS callback threads (0: none); "
-                              "they hold the GIL the tick needs, so they must not be preempted by other load")
+        self.ros_priority = p("ros_priority", 0, "SCHED_FIFO priority of the ROS callback threads (0: none, "
+                              "the default: busy FIFO executor threads starve the other nodes of a small machine)")
         self.inference_priority = p("inference_priority", 0, "SCHED_FIFO priority of the inference thread "
                                     "(0: normal; its backend threads inherit it)")
         switch_ms = p("gil_switch_interval_ms", 0.5, "Python thread switch interval (GIL hand-over latency)")
@@ -141,7 +142,7 @@ class PolicyServer(Node):
         self.monitor = PeriodMonitor(robot.period_s)
 
         # state shared with the tick thread (single assignments of immutable values; queues for events)
-        self._images: list[tuple[Image, int] | None] = [None] * len(self.cameras)
+        self._images: list[tuple[bytes, int] | None] = [None] * len(self.cameras)  # serialized frame, stamp
         self._joint: tuple[np.ndarray, int] | None = None
         self.beta = BETA_OFF
         self._active_source: str | None = None
@@ -172,8 +173,10 @@ class PolicyServer(Node):
         self.pub_stats = self.create_publisher(DiagnosticArray, pol.stats_topic, rosmsg.EVENT_QOS)
         self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         for i, cam in enumerate(self.cameras):
+            # raw: the callback keeps the serialized frame and reads only its stamp; the worker deserialises the
+            # newest frames when it plans (2 chunks/s), not every frame (3 x 30/s) in the ROS callback threads
             self.create_subscription(Image, cam.image_topic, lambda m, i=i: self._on_image(i, m),
-                                     rosmsg.SENSOR_QOS, callback_group=self._sensors)
+                                     rosmsg.SENSOR_QOS, callback_group=self._sensors, raw=True)
         self.create_subscription(JointState, robot.joint_states_topic, self._on_joint_state, rosmsg.COMMAND_QOS,
                                  callback_group=self._sensors)
         self.create_subscription(String, pol.prompt_topic, self._on_prompt, rosmsg.LATCHED_QOS,
@@ -210,9 +213,13 @@ class PolicyServer(Node):
         return self.declare_parameter(name, default, ParameterDescriptor(description=description)).value
 
     # ------------------------------------------------------------------------------------ ROS callbacks
-    def _on_image(self, i: int, msg: Image) -> None:
-        stamp = rosmsg.stamp_to_ns(msg.header.stamp) or rosmsg.now_ns(self)
-        self._images[i] = (msg, stamp)
+    def _on_image(self, i: int, raw: bytes) -> None:
+        try:
+            stamp = rosmsg.header_stamp_ns(raw) or rosmsg.now_ns(self)
+        except rosmsg.MessageError as e:
+            self.get_logger().error(f"{self.cameras[i].image_topic}: {e}", throttle_duration_sec=5.0)
+            return
+        self._images[i] = (raw, stamp)
 
     def _on_joint_state(self, msg: JointState) -> None:
         try:
@@ -286,7 +293,7 @@ class PolicyServer(Node):
             t0 = time.perf_counter()
             chunk, error = None, None
             try:
-                images = [rosmsg.image_from_msg(m) for m in job.images]
+                images = [rosmsg.image_from_msg(deserialize_message(raw, Image)) for raw in job.images]
                 chunk = self.policy.infer(images=images, state=job.state, prompt=job.prompt, beta=job.beta,
                                           seed=job.seed, steps=self.denoise_steps)
             except Exception as e:  # noqa: BLE001 - any model failure is reported and held, never fatal

@@ -95,6 +95,10 @@ class OrtBackend(Backend):
         self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             self.options.intra_op_num_threads = threads
+        # A station shares its CPUs with cameras, the mux and the recorder: worker threads that spin while
+        # waiting for work would take their cores for nothing between chunks.
+        self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.sessions: dict = {}
         self.prefix = self._session(bundle.onnx_path("prefix"))
         for graph in ("cond", "cfg"):  # load now: no first-chunk latency spike, and a broken graph fails early
