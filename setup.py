@@ -61,6 +61,10 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "pyarrow>=15",
+        "av>=12",                 # PyAV: H.264 video of the LeRobot export
+        "transforms3d>=0.4",      # sim kinematics
+        "sentencepiece>=0.2",     # tokenizer.model of real checkpoints
+        "ruamel.yaml>=0.17",      # rosbag2 metadata.yaml, written as rosbags does
     ],
     extras_require={
         # A machine without a ROS 2 install: the Kilted wheels from PyPI. A ROS machine keeps its own rclpy.
