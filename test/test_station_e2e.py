@@ -79,9 +79,9 @@ def test_sim_station_runs_and_stops(rclpy_context, spin, station_file, tmp_path)
         for cam in st.cameras:
             assert 27.0 <= rates[cam.name] <= 33.0, rates
         assert rates["command"] >= 45.0, rates  # the mux publishes every tick (policy or hold)
-        # let at least one episode finish (success, or failure on timeout / keep-out) so it is labelled
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not _labelled_bags(tmp_path / "bags"):
+        # let two episodes finish (success, or failure on timeout / keep-out) so they are labelled
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(_labelled_bags(tmp_path / "bags")) < 2:
             assert proc.poll() is None, (tmp_path / "station.log").read_text()[-3000:]
             time.sleep(0.5)
     finally:
@@ -97,7 +97,7 @@ def test_sim_station_runs_and_stops(rclpy_context, spin, station_file, tmp_path)
     assert "ignored SIGINT" not in text
     assert nodes and not any(_alive(p) for p in nodes)
     labelled = _labelled_bags(tmp_path / "bags")
-    assert labelled, "no episode bag with an outcome label"
+    assert len(labelled) >= 2, "fewer than two episode bags with an outcome label"
 
     # the recorded episodes -> LeRobot dataset with RECAP labels
     from recap_ros.export.cli import main as export_main
@@ -108,9 +108,12 @@ def test_sim_station_runs_and_stops(rclpy_context, spin, station_file, tmp_path)
     assert export_main([str(tmp_path / "bags"), "--out", str(out), "--quiet"]) == 0
     ds = RecapDataset(out)
     metas = [ds.episode_meta(ep) for ep in range(ds.num_episodes)]
-    # every labelled bag is exported (a gap beyond tolerance may split one into segments); the unlabelled
-    # last episode (stopped by SIGINT) is skipped
-    assert {m["recap/source_bag"] for m in metas} == {b.name for b in labelled}
+    # every labelled bag is exported (a gap beyond tolerance may split one into segments), except possibly the
+    # station's first episode, which starts while the recorder is still discovering the camera publishers (the
+    # export then reports "no segment without gaps"); the unlabelled last episode (stopped by SIGINT) is skipped
+    exported = {m["recap/source_bag"] for m in metas}
+    assert exported <= {b.name for b in labelled}
+    assert {b.name for b in labelled[1:]} <= exported, (exported, [b.name for b in labelled])
     max_len = int(st.sim.episode_timeout_s * st.robot.control_rate_hz)
     for ep, meta in enumerate(metas):
         e = ds.episode(ep)
