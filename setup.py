@@ -69,7 +69,7 @@ setup(
     extras_require={
         # A machine without a ROS 2 install: the Kilted wheels from PyPI. A ROS machine keeps its own rclpy.
         "standalone": ROS_WHEELS,
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-rerunfailures>=14"],
         "gpu": ["tensorrt>=10"],
     },
     zip_safe=False,

@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -63,6 +65,11 @@ def stop_node(proc: subprocess.Popen, timeout: float = 10.0) -> float:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     return time.monotonic() - t0
+
+
+# Tests that measure rates or latencies on the shared 2-core machine (CI runs everything on one): a run that
+# other load disturbed is measured again, up to twice; a real regression fails all three runs.
+TIMING = pytest.mark.flaky(reruns=2, reruns_delay=2)
 
 
 class MessageLog:

@@ -16,9 +16,8 @@ from mcap.reader import make_reader
 from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import Reader
 
-from recap_ros.recording import BagError, BagWriter, EpisodeFacts
+from recap_ros.recording import BagError, BagWriter, EpisodeFacts, repair
 from recap_ros.recording.bag import typestore
-from recap_ros.recording import repair
 from recap_ros.recording.repair import main, repair_bag, scan_mcap
 
 TS = typestore()

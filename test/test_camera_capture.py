@@ -9,10 +9,30 @@ import numpy as np
 import pytest
 
 from recap_ros import imaging
-from recap_ros.camera import (CameraConfigError, CaptureThread, Delivery, Frame, FrameSlot, LatencyWindow,
-                              OpenError, backend_available, camera_health, camera_settings, fit_calibration,
-                              load_calibration, open_capture, to_output_rgb)
-from recap_ros.camera.capture import ENDED, FAILED, RECONNECTING, STREAMING, Backoff, CaptureStats
+from recap_ros.camera import (
+    CameraConfigError,
+    CaptureThread,
+    Delivery,
+    Frame,
+    FrameSlot,
+    LatencyWindow,
+    OpenError,
+    backend_available,
+    camera_health,
+    camera_settings,
+    fit_calibration,
+    load_calibration,
+    open_capture,
+    to_output_rgb,
+)
+from recap_ros.camera.capture import (
+    ENDED,
+    FAILED,
+    RECONNECTING,
+    STREAMING,
+    Backoff,
+    CaptureStats,
+)
 from recap_ros.camera.health import ERROR, OK, WARN
 from recap_ros.station import load_station
 

@@ -7,8 +7,10 @@ import time
 
 import numpy as np
 import pytest
-from helpers import MessageLog, node_command, start_node, stop_node
-from test_camera_capture import write_video  # test helper: real media written with OpenCV
+from helpers import TIMING, MessageLog, node_command, start_node, stop_node
+from test_camera_capture import (
+    write_video,  # test helper: real media written with OpenCV
+)
 
 pytestmark = pytest.mark.ros
 pytest.importorskip("rclpy")
@@ -56,6 +58,7 @@ class Listener(MessageLog):
         return None, {}
 
 
+@TIMING
 def test_streams_a_video_file_at_the_requested_rate_with_capture_stamps(spin, tmp_path, rclpy_context, request):
     video = write_video(tmp_path / "clip.avi", n_frames=90, width=320, height=240)
     calib = tmp_path / "cam_high.yaml"

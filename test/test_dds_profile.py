@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from helpers import TIMING
 
 from recap_ros import launch_graph, paths, runner
 
@@ -216,6 +217,7 @@ rclpy.shutdown()
 
 @pytest.mark.ros
 @pytest.mark.timeout(90)
+@TIMING
 def test_640x480_best_effort_stream_delivered_between_processes():
     pytest.importorskip("rclpy")
     env = runner.node_env(_clean_env())

@@ -8,8 +8,14 @@ import pytest
 
 from recap_ros.export import cli
 from recap_ros.export.dataset import RecapDataset
-from recap_ros.export.synth import COMMAND_OFFSET, POLICY_OFFSET, SynthEpisode, frame_level, joint_value, \
-    write_episode_bag
+from recap_ros.export.synth import (
+    COMMAND_OFFSET,
+    POLICY_OFFSET,
+    SynthEpisode,
+    frame_level,
+    joint_value,
+    write_episode_bag,
+)
 from recap_ros.station import load_station
 
 NS = 1_000_000_000

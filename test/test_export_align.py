@@ -2,7 +2,16 @@
 import numpy as np
 import pytest
 
-from recap_ros.export.align import NS, Stream, Tolerances, align_episode, interpolate, latest, segments, tick_grid
+from recap_ros.export.align import (
+    NS,
+    Stream,
+    Tolerances,
+    align_episode,
+    interpolate,
+    latest,
+    segments,
+    tick_grid,
+)
 
 MS = 1_000_000
 

@@ -3,8 +3,15 @@ import math
 
 import pytest
 
-from recap_ros.control.guidance import (BackoffConfig, BetaBackoff, BetaError, beta_for_task, beta_problem,
-                                        step_down, validate_beta)
+from recap_ros.control.guidance import (
+    BackoffConfig,
+    BetaBackoff,
+    BetaError,
+    beta_for_task,
+    beta_problem,
+    step_down,
+    validate_beta,
+)
 
 
 @pytest.mark.parametrize("beta", [1.0, 1.5, 2.0, 2.5])

@@ -9,9 +9,18 @@ import torch
 from recap_ros.policy import PolicyError, load_policy
 from recap_ros.policy.config import PRESETS, preset
 from recap_ros.policy.model import Pi06Policy, PrefixEncoder
-from recap_ros.policy.normalize import compute_norm_stats, load_norm_stats, save_norm_stats
+from recap_ros.policy.normalize import (
+    compute_norm_stats,
+    load_norm_stats,
+    save_norm_stats,
+)
 from recap_ros.policy.tokenizer import NEGATIVE, POSITIVE, ByteTokenizer, PromptEncoder
-from recap_ros.policy.training import drop_indicators, flow_matching_loss, prepare_images, prompt_encoder_for
+from recap_ros.policy.training import (
+    drop_indicators,
+    flow_matching_loss,
+    prepare_images,
+    prompt_encoder_for,
+)
 
 SMALL = dict(depth=1, vision_depth=1, width=64, mlp_dim=128, expert_width=32, expert_mlp_dim=64)
 

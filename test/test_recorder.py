@@ -11,8 +11,14 @@ import pytest
 from rosbags.rosbag2 import Reader
 from ruamel.yaml import YAML
 
-from recap_ros.recording import (BagWriter, EpisodeRecorder, RecorderConfig, RecorderError, episode_bags,
-                                 parse_episode_dir)
+from recap_ros.recording import (
+    BagWriter,
+    EpisodeRecorder,
+    RecorderConfig,
+    RecorderError,
+    episode_bags,
+    parse_episode_dir,
+)
 from recap_ros.recording.bag import typestore
 from recap_ros.recording.repair import scan_mcap
 from recap_ros.station import load_station

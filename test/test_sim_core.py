@@ -4,11 +4,24 @@ import json
 import numpy as np
 import pytest
 
-from recap_ros.sim import Corrector, Expert, SimEnv, Task, run_expert_episode, sample_task
+from recap_ros.sim import (
+    Corrector,
+    Expert,
+    SimEnv,
+    Task,
+    run_expert_episode,
+    sample_task,
+)
 from recap_ros.sim.dynamics import JointDynamics
 from recap_ros.sim.kinematics import ARMS, HOME_ARM, Bimanual
-from recap_ros.sim.task import (KEEP_OUT_MAX, KEEP_OUT_MIN, MARKER_HEIGHT, PROMPT_TEMPLATES, SUCCESS_RADIUS,
-                                WORKSPACE)
+from recap_ros.sim.task import (
+    KEEP_OUT_MAX,
+    KEEP_OUT_MIN,
+    MARKER_HEIGHT,
+    PROMPT_TEMPLATES,
+    SUCCESS_RADIUS,
+    WORKSPACE,
+)
 from recap_ros.station import CAMERA_ROLES, load_station, parse_station
 
 

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import MessageLog, start_node, stop_node
+from helpers import TIMING, MessageLog, start_node, stop_node
 
 pytestmark = pytest.mark.ros
 
@@ -45,6 +45,7 @@ def processes(tmp_path):
     p.close()
 
 
+@TIMING
 def test_sim_robot_node(rclpy_context, spin, processes):
     from rclpy.node import Node
     from sensor_msgs.msg import CameraInfo, CompressedImage, Image, JointState

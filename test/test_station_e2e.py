@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import yaml
+from helpers import TIMING
 
 from recap_ros import paths
 from recap_ros.station import load_station
@@ -42,6 +43,7 @@ def _alive(pid):
         return f.read().split()[2] != "Z"
 
 
+@TIMING
 def test_sim_station_runs_and_stops(rclpy_context, spin, station_file, tmp_path):
     from rclpy.node import Node
     from sensor_msgs.msg import Image, JointState

@@ -2,8 +2,15 @@
 import numpy as np
 import pytest
 
-from recap_ros.control.stitching import (HOLD_NO_CHUNK, HOLD_OVERRUN, ChunkExecutor, ChunkRejected, JointLimits,
-                                         chunk_stats, naive_seam_jump)
+from recap_ros.control.stitching import (
+    HOLD_NO_CHUNK,
+    HOLD_OVERRUN,
+    ChunkExecutor,
+    ChunkRejected,
+    JointLimits,
+    chunk_stats,
+    naive_seam_jump,
+)
 from recap_ros.station import load_station
 
 H, N = 50, 14

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import yaml
-from helpers import start_node, stop_node, wait_for
+from helpers import TIMING, start_node, stop_node, wait_for
 
 from recap_ros import paths
 from recap_ros.station import load_station
@@ -176,6 +176,7 @@ def test_output_every_tick_from_the_first_joint_state_and_policy_by_default(mux)
     assert received >= 0.5 * rate  # loose: this process may be starved on a loaded machine
 
 
+@TIMING
 def test_output_holds_the_control_rate_while_cpu_hogs_run(mux):
     """The robot gets a steady 50 Hz command stream (50 +- 2 Hz over 6 s, from the header stamps it receives)
     while two busy-loop processes compete for the cores and the mode switches back and forth."""
