@@ -159,6 +159,7 @@ def recorder(tmp_path):
         proc.wait()
 
 
+@TIMING  # the recorder's receive path sometimes lags ~1 s on this 2-core machine (issue #7 note)
 def test_round_trip_services_and_labels(feeder, recorder, tmp_path):
     proc, out = recorder
     try:
@@ -231,7 +232,7 @@ def test_unwritable_output_dir_is_refused_clearly(feeder, tmp_path):
         assert proc.returncode == 0
 
 
-# Issue #7 asks for <= 1 s. Measured here: usually ~0.1-0.3 s (chunks flushed every 0.1 s), but on this 2-core
+# Issue #7 asks for <= 1 s. Measured here: usually ~0.25-0.5 s (chunks flushed every 0.25 s), but on this 2-core
 # machine the recorder's receive path sometimes lags ~1.1-1.5 s behind the publishers, so the bound the stack
 # guarantees today is 2 s (still open on the issue).
 CRASH_LOSS_BOUND_NS = 2_000_000_000

@@ -66,7 +66,7 @@ class RecorderConfig:
     intervention_topic: str = "/mux/intervention"
     model: str = ""
     operator: str = ""
-    flush_period_s: float = 0.1    # crash loss bound: at most this much data is only in memory
+    flush_period_s: float = 0.25   # crash loss bound: at most this much data is only in memory
     disk_check_period_s: float = 1.0
     control_timeout_s: float = 10.0
 
