@@ -17,11 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-
-from recap_ros.export import cli  # noqa: E402
-from recap_ros.export.dataset import RecapDataset  # noqa: E402
-from recap_ros.export.synth import SynthEpisode, write_episode_bag  # noqa: E402
-from recap_ros.station import load_station  # noqa: E402
+from recap_ros.export import cli
+from recap_ros.export.dataset import RecapDataset
+from recap_ros.export.lerobot import VideoOptions
+from recap_ros.export.synth import SynthEpisode, write_episode_bag
+from recap_ros.station import load_station
 
 NS = 1_000_000_000
 
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--bags", help="export these bags instead of synthetic ones")
     p.add_argument("--station", default="sim")
     p.add_argument("--vcodec", default="libx264")
-    p.add_argument("--preset", default="veryfast")
+    p.add_argument("--preset", default=VideoOptions.preset)
     args = p.parse_args(argv)
     if args.quick:
         args.episodes, args.duration = 2, 4.0

@@ -61,7 +61,7 @@ class VideoOptions:
     codec: str = "libx264"   # or libsvtav1 (lerobot's default, slower here), hevc, mpeg4
     crf: int = 23
     gop: int = 10            # keyframe interval: random access costs at most gop - 1 extra decoded frames
-    preset: str = "veryfast"
+    preset: str = "ultrafast"  # 1.5x faster export than veryfast here, files ~2x larger (--preset to trade)
     pix_fmt: str = "yuv420p"
 
     def stream_options(self) -> dict[str, str]:
