@@ -56,10 +56,6 @@ def model_dir(name_or_path: str | os.PathLike) -> Path:
     return share_dir() / "models" / str(name_or_path)
 
 
-def launch_dir() -> Path:
-    return share_dir() / "launch"
-
-
 def fastdds_profile() -> Path:
     """The package's Fast DDS profile (larger shared-memory segment for raw camera frames)."""
     return share_dir() / "config" / "fastdds.xml"

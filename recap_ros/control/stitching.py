@@ -156,10 +156,6 @@ class ChunkExecutor:
         return self._hold_reason
 
     @property
-    def in_flight(self) -> Request | None:
-        return self._in_flight
-
-    @property
     def ticks_on_chunk(self) -> int:
         return self.tick - self._chunk_accepted if self._chunk is not None else 0
 

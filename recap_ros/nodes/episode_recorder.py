@@ -139,9 +139,6 @@ class EpisodeRecorderNode(Node):
                                            qos, raw=True)
             self._subs[topic] = (sub, key)
 
-    def subscribed_topics(self) -> list[str]:
-        return sorted(self._subs)
-
     def _on_raw(self, topic: str, data: bytes, info) -> None:
         self.recorder.submit(topic, data, info.get("received_timestamp") or time.time_ns())
 

@@ -57,16 +57,6 @@ class Frames:
     def with_indicator(self, indicator: np.ndarray) -> Frames:
         return replace(self, indicator=np.asarray(indicator, bool))
 
-    def select_episodes(self, episodes) -> Frames:
-        keep = np.isin(self.episode_index, np.asarray(list(episodes)))
-        return _take(self, keep)
-
-
-def _take(f: Frames, mask: np.ndarray) -> Frames:
-    kw = {name: getattr(f, name)[mask] for name in FIELDS}
-    return Frames(prompts=list(f.prompts), max_len=f.max_len,
-                  indicator=None if f.indicator is None else f.indicator[mask], **kw)
-
 
 def concat(parts: list[Frames]) -> Frames:
     """Join frame sets; episode and task indices are renumbered so they stay unique."""
