@@ -1,9 +1,8 @@
 """policy_server timing and seam bench: the 50 Hz command stream while inference, three cameras and recording run.
 
 Starts the station's nodes as separate processes (recap_ros.runner, same node list and parameters as the
-launch file): sim_robot (or, until it exists, this script's own publishers: three 224x224 cameras at their
-station rate and joint states following the mux output), teleop_mux, cfg_guidance, policy_server with the
-station's bundle (tiny on sim) and episode_recorder writing to a temporary directory. Then it listens for
+launch file): sim_robot (three rendered cameras, joint states following the mux output), teleop_mux,
+cfg_guidance, policy_server with the station's bundle (tiny-class sim_policy on sim) and episode_recorder writing to a temporary directory. Then it listens for
 ``--duration`` seconds and prints:
 
 * 50 Hz stream: p50 / p99 / max absolute period error of /policy/command, from the header stamps the node set
@@ -20,7 +19,6 @@ shorter for quick runs. Figures measured on a loaded shared machine are noisy: c
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import tempfile
 import threading
 import time
@@ -30,38 +28,14 @@ import numpy as np
 import rclpy
 import yaml
 from diagnostic_msgs.msg import DiagnosticArray
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
-from sensor_msgs.msg import Image, JointState
-from std_srvs.srv import Trigger
+from sensor_msgs.msg import JointState
 from trajectory_msgs.msg import JointTrajectory
 
 from recap_ros import launch_graph, rosmsg, runner
 from recap_ros.control.stitching import JointLimits, naive_seam_jump
 from recap_ros.station import load_station
-
-
-class StandInStation(Node):
-    """Cameras + a robot that follows the mux output exactly, for when sim_robot is not available."""
-
-    def __init__(self, station):
-        super().__init__("bench_stand_in_station")
-        self.station, robot = station, station.robot
-        self.q = JointLimits.from_robot(robot).clamp(np.zeros(len(robot.joints)))
-        rng = np.random.default_rng(0)
-        for cam in station.cameras:
-            pub = self.create_publisher(Image, cam.image_topic, rosmsg.SENSOR_QOS)
-            frames = [rng.integers(0, 255, (cam.height, cam.width, 3), dtype=np.uint8) for _ in range(4)]
-            self.create_timer(1.0 / cam.fps, lambda p=pub, c=cam, f=frames: p.publish(
-                rosmsg.image_msg(f[int(time.monotonic() * 4) % 4], rosmsg.now_ns(self), c.frame_id)))
-        self.js = self.create_publisher(JointState, robot.joint_states_topic, rosmsg.COMMAND_QOS)
-        self.create_subscription(rosmsg.command_msg_class(robot.command_type), robot.command_topic,
-                                 self._on_command, rosmsg.COMMAND_QOS)
-        self.create_timer(robot.period_s, lambda: self.js.publish(
-            rosmsg.joint_state_msg(robot.joint_names, self.q, rosmsg.now_ns(self))))
-
-    def _on_command(self, msg):
-        self.q = rosmsg.positions_from_command(msg, self.station.robot.command_type, self.station.robot.joint_names)
 
 
 class Probe(Node):
@@ -136,7 +110,6 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="measured seconds (the issue: 600)")
     ap.add_argument("--settle", type=float, default=8.0, help="seconds ignored after start-up (loading, warm-up)")
     ap.add_argument("--station", default="sim")
-    ap.add_argument("--tick-source", choices=("thread", "timer"), default="thread")
     ap.add_argument("--backend", default=None, help="policy backend (default: the station's)")
     ap.add_argument("--threads", type=int, default=0, help="inference CPU threads (0: backend default)")
     ap.add_argument("--beta", type=float, default=None, help="cfg_guidance β (default: the station's)")
@@ -147,9 +120,8 @@ def main(argv=None) -> int:
 
     station = load_station(args.station)
     limits = JointLimits.from_robot(station.robot)
-    have_sim = importlib.util.find_spec("recap_ros.nodes.sim_robot") is not None
     tmp = tempfile.TemporaryDirectory(prefix="bench-policy-server-")
-    server = {"tick_source": args.tick_source, "inference_threads": args.threads}
+    server = {"inference_threads": args.threads}
     if args.backend:
         server["backend"] = args.backend
     for item in args.server_param:
@@ -160,17 +132,13 @@ def main(argv=None) -> int:
         overrides["cfg_guidance"] = {"beta": args.beta}
     wanted = {"sim_robot", "teleop_mux", "cfg_guidance", "policy_server"} | (set() if args.no_recorder
                                                                                else {"episode_recorder"})
-    specs = [s for s in launch_graph.node_specs(station, overrides) if s.name in wanted
-             and importlib.util.find_spec(s.module) is not None]
-    print(f"station '{station.name}': starting {[s.name for s in specs]}"
-          + ("" if have_sim else " + bench stand-in cameras/robot (sim_robot not available)"), flush=True)
+    specs = [s for s in launch_graph.node_specs(station, overrides) if s.name in wanted]
+    print(f"station '{station.name}': starting {[s.name for s in specs]}", flush=True)
 
     rclpy.init()
     probe = Probe(station)
-    nodes = [probe] + ([] if have_sim else [StandInStation(station)])
-    executor = MultiThreadedExecutor(num_threads=3)
-    for n in nodes:
-        executor.add_node(n)
+    executor = SingleThreadedExecutor()
+    executor.add_node(probe)
     spin = threading.Thread(target=executor.spin, daemon=True)
     spin.start()
     procs = runner.Station(specs, Path(tmp.name))
@@ -178,10 +146,6 @@ def main(argv=None) -> int:
         procs.start()
         t_start = time.monotonic()
         settle_ns = rosmsg.now_ns(probe) + int(args.settle * 1e9)
-        if not have_sim and not args.no_recorder:  # no episode events: record one episode by hand
-            cli = probe.create_client(Trigger, "/episode_recorder/start")
-            if cli.wait_for_service(timeout_sec=args.settle):
-                cli.call_async(Trigger.Request())
         end = t_start + args.settle + args.duration
         while time.monotonic() < end:
             dead = procs.first_dead()
@@ -205,9 +169,8 @@ def main(argv=None) -> int:
     sf = seam_figures(probe, limits, station.policy.crossfade_ticks, settle_ns)
     lat = np.array([float(s["latency_ms"]) for s in probe.stats]) if probe.stats else np.zeros(1)
     delay = np.array([int(s["delay_ticks"]) for s in probe.stats]) if probe.stats else np.zeros(1)
-    print(f"\n== policy_server timing: {args.duration:.0f} s measured, tick source {args.tick_source} "
-          f"{' '.join(args.server_param)}, "
-          f"{'sim_robot' if have_sim else 'stand-in station'}, recorder {'off' if args.no_recorder else 'on'}")
+    print(f"\n== policy_server timing: {args.duration:.0f} s measured "
+          f"{' '.join(args.server_param)}, sim_robot, recorder {'off' if args.no_recorder else 'on'}")
     print(f"50 Hz stream ({pf['n']} commands, header stamps): period error p50 {pf['p50']:.3f} ms, "
           f"p99 {pf['p99']:.3f} ms, max {pf['max']:.3f} ms; missed ticks {pf['missed']}; "
           f"longest gap {pf['longest_gap_ms']:.1f} ms")

@@ -24,9 +24,9 @@ def rclpy_context():
 @pytest.fixture
 def spin(rclpy_context):
     """spin(node, ...) -> spins the nodes on a background executor for the rest of the test."""
-    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
 
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = SingleThreadedExecutor()  # rclpy's MultiThreadedExecutor is slow enough to fall behind 50 Hz streams
     thread = None
 
     def _spin(*nodes):

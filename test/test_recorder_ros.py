@@ -159,14 +159,6 @@ def recorder(tmp_path):
         proc.wait()
 
 
-# Known open problem (issue #7): the recorder's receive path (rclpy raw callbacks -> queue) falls up to 1-2 s
-# behind the publishers in some runs (reproducible when this file runs in a fresh clone's venv, or after torch
-# has trained in the same test process), so messages of the last ~second before stop / SIGKILL are missing.
-RECEIVE_LAG = pytest.mark.xfail(reason="issue #7: recorder receive path lags up to 1-2 s in some environments",
-                                strict=False)
-
-
-@RECEIVE_LAG
 def test_round_trip_services_and_labels(feeder, recorder, tmp_path):
     proc, out = recorder
     try:
@@ -239,11 +231,10 @@ def test_unwritable_output_dir_is_refused_clearly(feeder, tmp_path):
         assert proc.returncode == 0
 
 
-# Issue #7 asks for <= 1 s: chunks are flushed every 0.25 s, but see RECEIVE_LAG above.
+# Issue #7 asks for <= 1 s: chunks are flushed every 0.25 s.
 CRASH_LOSS_BOUND_NS = 1_000_000_000
 
 
-@RECEIVE_LAG
 def test_sigkill_mid_episode_then_repair_keeps_all_but_the_last_second(feeder, recorder):
     proc, out = recorder
     feeder.publish_state("crash test", 1.0, False)

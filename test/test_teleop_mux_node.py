@@ -30,7 +30,7 @@ class Probe:
 
     def __init__(self, st, name="mux_probe"):
         from diagnostic_msgs.msg import DiagnosticArray
-        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.executors import SingleThreadedExecutor
         from rclpy.node import Node
         from sensor_msgs.msg import JointState
         from std_msgs.msg import Bool, String
@@ -73,7 +73,7 @@ class Probe:
         self.feed = {}  # input name -> positions published at 50 Hz (absent: silent)
         self._stop = threading.Event()
         threading.Thread(target=self._feed, daemon=True).start()
-        self.executor = MultiThreadedExecutor(num_threads=2)
+        self.executor = SingleThreadedExecutor()
         self.executor.add_node(n)
         threading.Thread(target=self.executor.spin, daemon=True).start()
 

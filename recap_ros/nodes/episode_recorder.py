@@ -27,8 +27,6 @@ import sys
 import time
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
@@ -86,10 +84,12 @@ class EpisodeRecorderNode(Node):
         self._subs: dict[str, tuple[object, tuple[bool, bool]]] = {}
         self._bytes_mark = (time.monotonic(), 0)
 
-        services = MutuallyExclusiveCallbackGroup()  # stop/label wait for the writer; topics keep flowing
-        self.create_service(Trigger, "~/start", self._on_start, callback_group=services)
-        self.create_service(Trigger, "~/stop", self._on_stop, callback_group=services)
-        self.create_service(SetBool, "~/label", self._on_label, callback_group=services)
+        # one single-threaded executor: rclpy's MultiThreadedExecutor costs milliseconds per callback and fell
+        # 1-2 s behind the station's ~250 messages/s (issue #7); a service waiting for the writer thread (it
+        # drains the queue at thousands of messages/s) only leaves messages in the subscriptions' history
+        self.create_service(Trigger, "~/start", self._on_start)
+        self.create_service(Trigger, "~/stop", self._on_stop)
+        self.create_service(SetBool, "~/label", self._on_label)
         self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(discovery_period, self._discover)
         self.create_timer(diag_period, self._publish_diagnostics)
@@ -201,8 +201,7 @@ def _msg_class(msgtype: str):
 
 
 def main(args=None) -> int:
-    return run_node("episode_recorder", EpisodeRecorderNode, args,
-                    make_executor=lambda node: MultiThreadedExecutor(num_threads=2))
+    return run_node("episode_recorder", EpisodeRecorderNode, args)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ the fixed-rate loop and its period statistics in :mod:`recap_ros.control.ticker`
 :mod:`recap_ros.control.guidance`; the model behind the policy runtime contract (``recap_ros.policy``).
 
 Threads: ROS callbacks (cameras, joint states, prompt, β, mux, services, publishing of chunks/stats and
-diagnostics) run on a MultiThreadedExecutor; inference runs on its own worker thread; the control tick runs on
-a dedicated deadline thread (``tick_source: thread``, SCHED_FIFO when allowed) or an rclpy timer in its own
-callback group (``tick_source: timer``). Only the tick touches the executor state; callbacks hand it control
-events, the worker hands it results, and it hands chunks/stats to the publishing timer, all through queues.
+diagnostics) run on one SingleThreadedExecutor (rclpy's MultiThreadedExecutor costs milliseconds of GIL time
+per callback, which the tick then waits for); inference runs on its own worker thread; the control tick runs on
+a dedicated deadline thread (SCHED_FIFO when allowed). Only the tick touches the executor state; callbacks hand
+it control events, the worker hands it results, and it hands chunks/stats to the publishing timer, all through
+queues.
 
 Topics (from the station): subscribes every camera's ``image_raw`` (SENSOR_QOS), ``robot.joint_states_topic``,
 ``policy.prompt_topic`` and ``policy.beta_topic`` (latched), ``mux.active_topic`` (latched); publishes
@@ -27,8 +28,8 @@ nor while stopped.
 
 Parameters: ``station``; ``bundle``, ``backend``, ``prompt``, ``replan_every``, ``crossfade_ticks``,
 ``stale_after_s``, ``denoise_steps``, ``autostart`` (defaults from the station's ``policy:`` section); ``seed``,
-``tick_source`` (thread | timer), ``tick_priority`` / ``ros_priority`` / ``inference_priority`` (SCHED_FIFO
-priorities of the tick thread, the ROS callback threads and the inference thread; 0 = normal scheduling; they
+``tick_priority`` / ``ros_priority`` / ``inference_priority`` (SCHED_FIFO
+priorities of the tick thread, the ROS callback thread and the inference thread; 0 = normal scheduling; they
 fall back to normal scheduling when refused), ``gil_switch_interval_ms``, ``retry_after_s``,
 ``inference_threads``, ``warmup``.
 """
@@ -44,8 +45,6 @@ from dataclasses import dataclass
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import Image, JointState
@@ -63,11 +62,10 @@ from recap_ros.control.stitching import (
 )
 from recap_ros.control.ticker import DeadlineLoop, PeriodMonitor, try_realtime
 from recap_ros.nodes import run_node
-from recap_ros.station import BETA_MIN, StationConfigError, load_station
+from recap_ros.station import BETA_MIN, load_station
 
 OK, WARN, ERROR = 0, 1, 2
 POLICY_INPUT = "policy"
-TICK_SOURCES = ("thread", "timer")
 
 
 def _drain(q: queue.SimpleQueue):
@@ -114,20 +112,19 @@ class PolicyServer(Node):
         self.denoise_steps = p("denoise_steps", pol.denoise_steps, "flow-matching steps per chunk")
         autostart = p("autostart", pol.autostart, "start executing without a ~/start call")
         self.seed = p("seed", 0, "noise seed of the first chunk (+1 per chunk)")
-        tick_source = p("tick_source", "thread", "thread (deadline thread) | timer (rclpy timer)")
         tick_priority = p("tick_priority", 50, "SCHED_FIFO priority of the tick thread (0: none)")
-        self.ros_priority = p("ros_priority", 0, "SCHED_FIFO priority of the ROS callback threads (0: none, "
-                              "the default: busy FIFO executor threads starve the other nodes of a small machine)")
+        ros_priority = p("ros_priority", 0, "SCHED_FIFO priority of the thread that builds and spins this node "
+                         "(0: none, the default: a busy FIFO executor starves the other nodes of a small machine)")
         self.inference_priority = p("inference_priority", 0, "SCHED_FIFO priority of the inference thread "
                                     "(0: normal; its backend threads inherit it)")
         switch_ms = p("gil_switch_interval_ms", 0.5, "Python thread switch interval (GIL hand-over latency)")
         self.retry_ns = int(p("retry_after_s", 0.5, "wait after a failed inference before asking again") * 1e9)
         threads = p("inference_threads", 0, "CPU threads of the torch / onnxruntime backend (0: its default)")
         self.warmup = p("warmup", True, "run one inference at start-up so the first chunk is not slow")
-        if tick_source not in TICK_SOURCES:
-            raise StationConfigError("<parameter>", "tick_source", tick_source, f"must be one of {TICK_SOURCES}")
         if switch_ms > 0:
             sys.setswitchinterval(switch_ms / 1000.0)
+        if ros_priority > 0:
+            self.get_logger().info(f"ROS callback thread: {try_realtime(ros_priority)}")
 
         if policy is None:
             from recap_ros.policy import load_policy
@@ -165,8 +162,6 @@ class PolicyServer(Node):
         self.stats = {"accepted": 0, "rejected": 0, "errors": 0, "last_delay_ticks": -1,
                       "last_ticks_per_chunk": -1, "last_error": ""}
 
-        self._sensors = MutuallyExclusiveCallbackGroup()
-        self._io = MutuallyExclusiveCallbackGroup()
         self.pub_cmd = self.create_publisher(rosmsg.command_msg_class(robot.command_type), pol.command_topic,
                                              rosmsg.COMMAND_QOS)
         self.pub_chunk = self.create_publisher(JointTrajectory, pol.chunk_topic, rosmsg.EVENT_QOS)
@@ -176,36 +171,28 @@ class PolicyServer(Node):
             # raw: the callback keeps the serialized frame and reads only its stamp; the worker deserialises the
             # newest frames when it plans (2 chunks/s), not every frame (3 x 30/s) in the ROS callback threads
             self.create_subscription(Image, cam.image_topic, lambda m, i=i: self._on_image(i, m),
-                                     rosmsg.SENSOR_QOS, callback_group=self._sensors, raw=True)
-        self.create_subscription(JointState, robot.joint_states_topic, self._on_joint_state, rosmsg.COMMAND_QOS,
-                                 callback_group=self._sensors)
-        self.create_subscription(String, pol.prompt_topic, self._on_prompt, rosmsg.LATCHED_QOS,
-                                 callback_group=self._io)
-        self.create_subscription(Float64, pol.beta_topic, self._on_beta, rosmsg.LATCHED_QOS,
-                                 callback_group=self._io)
-        self.create_subscription(String, station.mux.active_topic, self._on_active, rosmsg.LATCHED_QOS,
-                                 callback_group=self._io)
-        self.create_service(Trigger, "~/start", self._on_start, callback_group=self._io)
-        self.create_service(Trigger, "~/stop", self._on_stop, callback_group=self._io)
-        self.create_timer(0.05, self._publish_outbox, callback_group=self._io)
-        self.create_timer(1.0, self._publish_diagnostics, callback_group=self._io)
+                                     rosmsg.SENSOR_QOS, raw=True)
+        self.create_subscription(JointState, robot.joint_states_topic, self._on_joint_state, rosmsg.COMMAND_QOS)
+        self.create_subscription(String, pol.prompt_topic, self._on_prompt, rosmsg.LATCHED_QOS)
+        self.create_subscription(Float64, pol.beta_topic, self._on_beta, rosmsg.LATCHED_QOS)
+        self.create_subscription(String, station.mux.active_topic, self._on_active, rosmsg.LATCHED_QOS)
+        self.create_service(Trigger, "~/start", self._on_start)
+        self.create_service(Trigger, "~/stop", self._on_stop)
+        self.create_timer(0.05, self._publish_outbox)
+        self.create_timer(1.0, self._publish_diagnostics)
 
         self._worker = threading.Thread(target=self._work, name="policy-inference", daemon=True)
         self._worker.start()
-        self._loop: DeadlineLoop | None = None
-        if tick_source == "thread":
-            self._loop = DeadlineLoop(robot.period_s, self._tick, self.monitor, self._on_tick_error,
-                                      tick_priority, name="policy-tick")
-            self._loop.start()
-        else:
-            self.create_timer(robot.period_s, self._on_timer, callback_group=MutuallyExclusiveCallbackGroup())
+        self._loop = DeadlineLoop(robot.period_s, self._tick, self.monitor, self._on_tick_error, tick_priority,
+                                  name="policy-tick")
+        self._loop.start()
         if autostart:
             self._control.put(("start", "autostart"))
         info = policy.info
         self.get_logger().info(
             f"station '{station.name}', bundle {getattr(info, 'bundle_id', bundle)}: chunk {info.chunk_len} x "
             f"{info.action_dim} at {robot.control_rate_hz:g} Hz, re-plan every {replan_every} ticks, cross-fade "
-            f"{crossfade} ticks, stale after {self.stale_after_ns / 1e9:g} s, tick source {tick_source}, "
+            f"{crossfade} ticks, stale after {self.stale_after_ns / 1e9:g} s, "
             f"commands on {pol.command_topic} ({robot.command_type}); "
             + ("autostart" if autostart else "waiting for ~/start"))
 
@@ -310,13 +297,6 @@ class PolicyServer(Node):
             self._job_cv.notify()
 
     # ------------------------------------------------------------------------------------ control tick
-    def _on_timer(self) -> None:
-        now = time.monotonic_ns()
-        try:
-            self._tick(self.monitor.tick(now), now)
-        except Exception as e:  # noqa: BLE001
-            self._on_tick_error(e)
-
     def _on_tick_error(self, e: Exception) -> None:
         if not self.context.ok():  # shutting down: publishers are gone, nothing to report
             return
@@ -466,31 +446,23 @@ class PolicyServer(Node):
                   "chunks_accepted": self.stats["accepted"], "chunks_rejected": self.stats["rejected"],
                   "inference_errors": self.stats["errors"], "last_error": self.stats["last_error"],
                   **{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in self.monitor.summary().items()}}
-        if self._loop is not None:
-            values["tick_scheduling"] = self._loop.scheduling
+        values["tick_scheduling"] = self._loop.scheduling
         self.pub_diag.publish(rosmsg.diagnostic_array(rosmsg.now_ns(self), [("policy_server", level, message,
                                                                             values)]))
 
     def destroy_node(self):
         self._closing.set()
-        if self._loop is not None:
-            self._loop.stop()
+        self._loop.stop()
         with self._job_cv:
             self._job_cv.notify_all()
         self._worker.join(timeout=2.0)
         return super().destroy_node()
 
 
-def _executor(node: "PolicyServer") -> MultiThreadedExecutor:
-    # the executor's threads are created by (and inherit the scheduling of) this thread
-    node.get_logger().info(f"ROS callback threads: {try_realtime(node.ros_priority)}")
-    return MultiThreadedExecutor(num_threads=3)
-
-
 def main(args=None) -> int:
     from recap_ros.policy import PolicyError
 
-    return run_node("policy_server", PolicyServer, args, _executor, config_errors=(PolicyError,))
+    return run_node("policy_server", PolicyServer, args, config_errors=(PolicyError,))
 
 
 if __name__ == "__main__":
