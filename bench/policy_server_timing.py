@@ -44,10 +44,14 @@ class Probe(Node):
         pol = station.policy
         self.lock = threading.Lock()
         self.commands: list[tuple[int, np.ndarray]] = []
+        self.joint_stamps: list[int] = []  # sim_robot's own 50 Hz loop: a gap in both streams is the machine
         self.chunks: dict[int, np.ndarray] = {}
         self.stats: list[dict[str, str]] = []
         self.diag: dict[str, str] = {}
         self.create_subscription(JointState, pol.command_topic, self._on_cmd, rosmsg.COMMAND_QOS)
+        self.create_subscription(JointState, station.robot.joint_states_topic,
+                                 lambda m: self.joint_stamps.append(rosmsg.stamp_to_ns(m.header.stamp)),
+                                 rosmsg.COMMAND_QOS)
         self.create_subscription(JointTrajectory, pol.chunk_topic, self._on_chunk, rosmsg.EVENT_QOS)
         self.create_subscription(DiagnosticArray, pol.stats_topic, self._on_stats, rosmsg.EVENT_QOS)
         self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 50)
@@ -73,9 +77,15 @@ class Probe(Node):
 def period_figures(stamps_ns: np.ndarray, period_s: float) -> dict:
     d = np.diff(stamps_ns) / 1e9
     err = np.abs(d - period_s) * 1e3
-    missed = np.maximum(np.rint(d / period_s) - 1, 0).sum()
+    lost = np.maximum(np.rint(d / period_s) - 1, 0)
     return {"n": len(stamps_ns), "p50": np.percentile(err, 50), "p99": np.percentile(err, 99), "max": err.max(),
-            "missed": int(missed), "longest_gap_ms": d.max() * 1e3}
+            "missed": int(lost.sum()), "longest_gap_ms": d.max() * 1e3,
+            "gaps_ns": stamps_ns[:-1][lost > 0]}  # start of every gap that swallowed a tick
+
+
+def shared_gaps(a_ns: np.ndarray, b_ns: np.ndarray, window_ns: int = 200_000_000) -> int:
+    """How many gaps of stream a have a gap of stream b within window_ns (a stall of the whole machine)."""
+    return sum(bool(np.any(np.abs(b_ns - t) <= window_ns)) for t in a_ns)
 
 
 def seam_figures(probe: Probe, limits: JointLimits, crossfade: int, settle_ns: int) -> dict:
@@ -174,10 +184,16 @@ def main(argv=None) -> int:
     print(f"50 Hz stream ({pf['n']} commands, header stamps): period error p50 {pf['p50']:.3f} ms, "
           f"p99 {pf['p99']:.3f} ms, max {pf['max']:.3f} ms; missed ticks {pf['missed']}; "
           f"longest gap {pf['longest_gap_ms']:.1f} ms")
+    js = np.array(probe.joint_stamps)
+    if len(js) > 10:
+        jf = period_figures(js[js >= settle_ns], station.robot.period_s)
+        print(f"for comparison, sim_robot's own 50 Hz loop (/joint_states, another process): p99 {jf['p99']:.3f} ms, "
+              f"max {jf['max']:.3f} ms, missed ticks {jf['missed']}; policy gaps within 0.2 s of a sim_robot gap: "
+              f"{shared_gaps(pf['gaps_ns'], jf['gaps_ns'])} of {len(pf['gaps_ns'])}")
     if diag:
         print(f"node monitor (last {3000} ticks): p50 {diag.get('period_err_p50_ms')} ms, p99 "
               f"{diag.get('period_err_p99_ms')} ms, max {diag.get('period_err_max_ms')} ms, missed since start "
-              f"{diag.get('missed_ticks')}; scheduling: {diag.get('tick_scheduling', 'rclpy timer')}")
+              f"{diag.get('missed_ticks')}; scheduling: {diag.get('tick_scheduling')}")
         print(f"holds {diag.get('holds')} (now: '{diag.get('hold_reason')}'), β {diag.get('beta')}, "
               f"errors {diag.get('inference_errors')}, rejected {diag.get('chunks_rejected')}")
     print(f"inference: {len(probe.stats)} chunks, latency p50 {np.median(lat):.1f} ms, p99 "
