@@ -1,14 +1,18 @@
 """One RECAP iteration on the sim station, measured: SFT policy -> collect with the scripted corrector -> train V ->
 label -> retrain the policy from the SAME SFT checkpoint with advantage conditioning -> evaluate before/after.
 
-    .venv/bin/python bench/recap_iteration.py [--sft sim_policy] [--demos demos.npz] [--collect 150] [--eval 100]
-                                              [--quick] [--workdir /tmp/recap_it]
+    .venv/bin/python bench/recap_iteration.py [--sft sim_policy] [--demos demos.npz] [--collect 150]
+                                              [--autonomous 50] [--eval 100] [--control] [--quick]
 
 Collection and evaluation are ROS-free roll-outs at simulation speed (recap_ros.recap.rollout: the station's
 chunk executor and teleop mux, the sim's corrector taking over when the policy stalls or is about to break a
-keep-out rule). Collected episodes are written as a frames cache (.npz), then go through the same code paths as
-`recap-train-value`, `recap-label` and `recap-train-policy`. Evaluation is autonomous (no corrector) on the same
-held-out seeds before and after, with "Advantage: positive" (beta = 1) and optionally CFG (--beta).
+keep-out rule). ``--collect`` episodes run with the corrector, ``--autonomous`` more without it (their failures
+teach V what failing looks like). Collected episodes are written as a frames cache (.npz), then go through the
+same code paths as `recap-train-value`, `recap-label` and `recap-train-policy`. Evaluation is autonomous (no
+corrector) on the same held-out seeds before and after, with "Advantage: positive" (beta = 1) and optionally CFG
+(--beta). ``--control`` also trains, in a second process, the same SFT checkpoint on the same data for the same
+steps WITHOUT advantage labels (all positive, as SFT): it separates what the advantage conditioning adds from
+what more data and more training steps add.
 Prints success rate and throughput (successes per hour of simulated station time) before and after.
 """
 from __future__ import annotations
@@ -27,15 +31,32 @@ from sim_policy_eval import HELD_OUT_SEED, evaluate, report, wilson
 COLLECT_SEED = 2_000_000
 
 
+def _train_control(data_path: str, image_size: int, out: str, init: str, steps: int, lr: float, threads: int):
+    """The same-data SFT control (runs in its own process, next to the RECAP retraining)."""
+    import torch
+
+    from recap_ros.recap.dataset_io import load_frames
+    from recap_ros.recap.train_policy import train_policy
+
+    torch.set_num_threads(threads)
+    _, loss = train_policy(load_frames(data_path, image_size), out, init=init, sft=True, steps=steps,
+                           batch_size=32, lr=lr, device="cpu", progress=False,
+                           description="control: SFT on the RECAP iteration's data (no advantage labels)")
+    return float(np.mean(loss[:20])), float(np.mean(loss[-20:]))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sft", default="sim_policy", help="the SFT policy bundle = the checkpoint both runs start from")
     p.add_argument("--demos", default=None, help="demonstration frames (.npz) added to the training data")
     p.add_argument("--collect", type=int, default=150, help="episodes collected with the corrector")
+    p.add_argument("--autonomous", type=int, default=50, help="episodes collected without the corrector")
+    p.add_argument("--control", action="store_true", help="also train and evaluate the same-data SFT control")
     p.add_argument("--eval", type=int, default=100, help="held-out evaluation episodes (before and after)")
     p.add_argument("--stride", type=int, default=5, help="record a training frame every N ticks")
     p.add_argument("--value-steps", type=int, default=1500)
-    p.add_argument("--policy-steps", type=int, default=1500)
+    p.add_argument("--policy-steps", type=int, default=3000)
+    p.add_argument("--policy-lr", type=float, default=1e-4, help="fine-tuning learning rate (from the SFT weights)")
     p.add_argument("--positive-fraction", type=float, default=0.4)
     p.add_argument("--beta", type=float, default=None, help="also evaluate the retrained policy with CFG at beta")
     p.add_argument("--threads", type=int, default=1)
@@ -57,7 +78,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(a.threads)
     if a.quick:
-        a.collect, a.eval, a.value_steps, a.policy_steps = 10, 10, 50, 50
+        a.collect, a.autonomous, a.eval, a.value_steps, a.policy_steps = 10, 4, 10, 50, 50
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -73,9 +94,17 @@ def main(argv=None) -> int:
     coll = rollouts(roller, range(COLLECT_SEED, COLLECT_SEED + a.collect), record=True, frame_stride=a.stride,
                     desc="collect")
     corrected = sum(e.interventions > 0 for e in coll.episodes)
-    print(f"collected {coll.n} episodes: {coll.successes} successes ({corrected} with corrector interventions), "
-          f"reasons {coll.reasons()}")
-    rollout_frames = concat([e.frames for e in coll.episodes])
+    print(f"collected {coll.n} episodes with the corrector: {coll.successes} successes ({corrected} with corrector "
+          f"interventions), reasons {coll.reasons()}")
+    episodes = list(coll.episodes)
+    if a.autonomous:
+        auto_roller = Roller(station, policy.info.image_size, policy, corrector=False)
+        first = COLLECT_SEED + a.collect
+        auto = rollouts(auto_roller, range(first, first + a.autonomous), record=True, frame_stride=a.stride,
+                        desc="collect autonomous")
+        print(f"collected {auto.n} autonomous episodes: {auto.successes} successes, reasons {auto.reasons()}")
+        episodes += auto.episodes
+    rollout_frames = concat([e.frames for e in episodes])
     data_path = work / "iteration_data.npz"
     parts = [rollout_frames] + ([load_frames_npz(a.demos)] if a.demos else [])
     save_frames(concat(parts), data_path)
@@ -101,11 +130,23 @@ def main(argv=None) -> int:
           f"value mean success {v[succ].mean():.3f} / failure {v[~succ].mean() if (~succ).any() else float('nan'):.3f};"
           f" {len(plots)} plots in {work / 'plots'}")
 
-    # 5. retrain from the SAME SFT checkpoint with advantage conditioning
+    # 5. retrain from the SAME SFT checkpoint with advantage conditioning (and the control next to it)
+    control = None
+    if a.control:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        control = pool.submit(_train_control, str(data_path), policy.info.image_size, str(work / "control"),
+                              a.sft, a.policy_steps, a.policy_lr, a.threads)
     labelled = apply_labels(frames, work / "labels.parquet")
     _, ploss = train_policy(labelled, work / "policy_it1", init=a.sft, steps=a.policy_steps, batch_size=32,
-                            lr=3e-4, device="cpu", description="RECAP iteration 1 on the sim station")
+                            lr=a.policy_lr, device="cpu", description="RECAP iteration 1 on the sim station")
     print(f"policy loss {np.mean(ploss[:20]):.4f} -> {np.mean(ploss[-20:]):.4f}")
+    if control is not None:
+        c0, c1 = control.result()
+        pool.shutdown()
+        print(f"control (same data, SFT) loss {c0:.4f} -> {c1:.4f}")
 
     # 6. evaluate on the same held-out seeds
     after, wall_a = evaluate(str(work / "policy_it1"), a.eval, HELD_OUT_SEED, desc="eval after")
@@ -115,6 +156,10 @@ def main(argv=None) -> int:
         cfg, wall_c = evaluate(str(work / "policy_it1"), a.eval, HELD_OUT_SEED, beta=a.beta, desc="eval cfg")
         report(f"after (RECAP it. 1, beta {a.beta})", cfg, wall_c)
         results[f"after_beta{a.beta}"] = cfg
+    if control is not None:
+        ctl, wall_s = evaluate(str(work / "control"), a.eval, HELD_OUT_SEED, desc="eval control")
+        report("control (same data, SFT)", ctl, wall_s)
+        results["control_sft"] = ctl
     print("\n=== RECAP iteration on the sim station (same held-out seeds) ===")
     for name, s in results.items():
         lo, hi = wilson(s.successes, s.n)
