@@ -13,8 +13,8 @@ def run_node(name: str, make_node: Callable, args=None,
 
     rclpy's MultiThreadedExecutor is not used: it costs milliseconds of GIL time per callback and fell seconds
     behind the station's ~250 messages/s. After the node is built, everything allocated so far (imports, model)
-    is moved to the permanent GC generation (``gc.freeze``): a full collection over it holds the GIL for ~10 ms
-    (30 ms under load), which a 50 Hz tick thread in the same process would wait for.
+    is moved to the permanent GC generation (``gc.freeze``): a full collection over it held the GIL for 10 ms
+    (measured, policy_server's imports and model, idle machine), which a 50 Hz tick thread would wait for.
 
     A configuration error (``config_errors``, plus StationConfigError) is printed as one line naming the node
     and returns exit code 2 instead of a traceback; SIGINT returns 0.

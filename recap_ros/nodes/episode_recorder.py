@@ -84,9 +84,8 @@ class EpisodeRecorderNode(Node):
         self._subs: dict[str, tuple[object, tuple[bool, bool]]] = {}
         self._bytes_mark = (time.monotonic(), 0)
 
-        # one single-threaded executor: rclpy's MultiThreadedExecutor costs milliseconds per callback and fell
-        # 1-2 s behind the station's ~250 messages/s (issue #7); a service waiting for the writer thread (it
-        # drains the queue at thousands of messages/s) only leaves messages in the subscriptions' history
+        # services share the single-threaded executor (see run_node) with the topics: one waiting for the writer
+        # thread (it drains the queue at thousands of messages/s) only leaves messages in the subscriptions' history
         self.create_service(Trigger, "~/start", self._on_start)
         self.create_service(Trigger, "~/stop", self._on_stop)
         self.create_service(SetBool, "~/label", self._on_label)
