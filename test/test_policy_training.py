@@ -8,7 +8,7 @@ import torch
 
 from recap_ros.policy import PolicyError, load_policy
 from recap_ros.policy.config import PRESETS, preset
-from recap_ros.policy.model import Pi06Policy, PrefixEncoder
+from recap_ros.policy.model import Pi06Policy, PrefixEncoder, images_to_float
 from recap_ros.policy.normalize import (
     compute_norm_stats,
     load_norm_stats,
@@ -140,3 +140,16 @@ def test_presets_and_value_backbone():
     keys, _, kv_mask, hidden = enc(images, *(torch.from_numpy(x[k]) for k in ("tokens", "token_mask", "adv_tokens",
                                                                                "adv_mask")), torch.zeros(1, 14))
     assert hidden.shape == (1, c.prefix_len, 32) and keys.shape[:2] == (1, 1) and kv_mask.shape == (1, c.prefix_len)
+
+
+def test_fresh_prefix_tokens_have_comparable_scale():
+    """Text tokens (Gemma-scaled by sqrt(width)) start at the image tokens' scale, so attention can update them
+    (N(0, 1) embeddings made them ~sqrt(width)x larger and the trained policy ignored its prompt and images)."""
+    torch.manual_seed(0)
+    for cfg in (preset("tiny"), preset("tiny", width=256, head_dim=128)):
+        enc = PrefixEncoder(cfg)
+        images, *_ = batch(2)
+        img = enc.vision(images_to_float(torch.as_tensor(images)).flatten(0, 1))
+        text = enc.embed(torch.arange(10, 60)) * cfg.width ** 0.5
+        ratio = float(text.pow(2).mean().sqrt() / img.pow(2).mean().sqrt())
+        assert 0.2 < ratio < 5.0, (cfg.width, ratio)
