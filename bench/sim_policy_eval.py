@@ -20,6 +20,7 @@ import math
 import time
 
 HELD_OUT_SEED = 5_000_000
+SENSITIVITY_TASKS = 20
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -47,7 +48,8 @@ def evaluate(bundle: str, episodes: int, first_seed: int = HELD_OUT_SEED, backen
     return summary, time.perf_counter() - t0
 
 
-def sensitivity(bundle: str, episodes: int = 20, first_seed: int = HELD_OUT_SEED, station_name: str = "sim"):
+def sensitivity(bundle: str, episodes: int = SENSITIVITY_TASKS, first_seed: int = HELD_OUT_SEED,
+                station_name: str = "sim"):
     """Median chunk-end error vs the expert, and median end-point shifts under swapped views / colour (metres)."""
     import numpy as np
 
@@ -85,7 +87,8 @@ def sensitivity(bundle: str, episodes: int = 20, first_seed: int = HELD_OUT_SEED
         by_views.append(np.linalg.norm(end(firsts[(k + 1) % len(firsts)][2], task.prompt) - own))
         by_colour.append(np.linalg.norm(end(views, task.prompt.replace(task.colour, other)) - own))
     return {name: float(np.median(v)) for name, v in
-            (("expert_motion", moved), ("error", err), ("shift_other_views", by_views), ("shift_other_colour", by_colour))}
+            (("expert_motion", moved), ("error", err), ("shift_other_views", by_views),
+             ("shift_other_colour", by_colour))}
 
 
 def report(name: str, summary, wall_s: float) -> None:
@@ -117,7 +120,7 @@ def main(argv=None) -> int:
     report(f"{a.bundle} (beta {a.beta})", summary, wall)
     if a.sensitivity:
         m = sensitivity(a.bundle, first_seed=a.first_seed)
-        print(f"{a.bundle}: first-tick chunk end (1 s ahead), medians over 20 tasks: expert moves "
+        print(f"{a.bundle}: first-tick chunk end (1 s ahead), medians over {SENSITIVITY_TASKS} tasks: expert moves "
               f"{m['expert_motion']:.3f} m, policy misses it by {m['error']:.3f} m; the policy's end point moves "
               f"{m['shift_other_views']:.3f} m with another task's views, {m['shift_other_colour']:.3f} m with "
               f"another colour in the prompt")

@@ -144,7 +144,7 @@ def test_presets_and_value_backbone():
 
 def test_fresh_prefix_tokens_have_comparable_scale():
     """Text tokens (Gemma-scaled by sqrt(width)) start at the image tokens' scale, so attention can update them
-    (N(0, 1) embeddings made them ~sqrt(width)x larger and the trained policy ignored its prompt and images)."""
+    (N(0, 1) embeddings made them ~sqrt(width)x larger: 28x for the tiny preset)."""
     torch.manual_seed(0)
     for cfg in (preset("tiny"), preset("tiny", width=256, head_dim=128)):
         enc = PrefixEncoder(cfg)

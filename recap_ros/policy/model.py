@@ -231,7 +231,7 @@ class PrefixEncoder(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
         # Gemma scales embeddings by sqrt(width), so they are initialised at 1/sqrt(width): ~1 per element in the
         # residual stream, like the image tokens. (nn.Embedding's N(0, 1) made text tokens ~sqrt(width) times
-        # larger; attention updates could not move them, and the policy learned to ignore prompt and images.)
+        # larger, so attention updates could barely change them.)
         nn.init.normal_(self.embed.weight, std=cfg.width ** -0.5)
         self.state_proj = nn.Linear(cfg.state_dim, cfg.width) if cfg.state_input == "prefix" else None
         self.layers = nn.ModuleList(DecoderLayer(cfg.width, cfg.mlp_dim, cfg.heads, cfg.kv_heads, cfg.head_dim)
