@@ -49,7 +49,7 @@ def evaluate(bundle: str, episodes: int, first_seed: int = HELD_OUT_SEED, backen
 
 
 def sensitivity(bundle: str, episodes: int = SENSITIVITY_TASKS, first_seed: int = HELD_OUT_SEED,
-                station_name: str = "sim"):
+                backend: str = "auto", station_name: str = "sim"):
     """Median chunk-end error vs the expert, and median end-point shifts under swapped views / colour (metres)."""
     import numpy as np
 
@@ -60,7 +60,7 @@ def sensitivity(bundle: str, episodes: int = SENSITIVITY_TASKS, first_seed: int 
     from recap_ros.station import load_station
 
     env = SimEnv(load_station(station_name))
-    policy = load_policy(bundle)
+    policy = load_policy(bundle, backend=backend)
     colours = sorted(COLOURS)
     firsts = []
     for seed in range(first_seed, first_seed + episodes):
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     summary, wall = evaluate(a.bundle, n, a.first_seed, a.backend, a.beta)
     report(f"{a.bundle} (beta {a.beta})", summary, wall)
     if a.sensitivity:
-        m = sensitivity(a.bundle, first_seed=a.first_seed)
+        m = sensitivity(a.bundle, first_seed=a.first_seed, backend=a.backend)
         print(f"{a.bundle}: first-tick chunk end (1 s ahead), medians over {SENSITIVITY_TASKS} tasks: expert moves "
               f"{m['expert_motion']:.3f} m, policy misses it by {m['error']:.3f} m; the policy's end point moves "
               f"{m['shift_other_views']:.3f} m with another task's views, {m['shift_other_colour']:.3f} m with "

@@ -2,7 +2,7 @@
 
 Guards against train/serve skew: a change to normalisation, image preprocessing, prompt encoding or the frame
 layout made after the bundle was trained shows up here as a flow-matching loss far above the one the bundle
-reached in training (the bundled policy trained to ~0.013 on demonstrations; a random or skewed one is ~0.9).
+reached in training (the bundled policy trained to ~0.01 on demonstrations; a random or skewed one is ~0.9).
 """
 import numpy as np
 import torch
