@@ -9,6 +9,9 @@ cfg_guidance, policy_server with the station's bundle (tiny-class sim_policy on 
   at each tick (the node's own timing, free of this process's scheduling), and missed ticks (gaps of >= 1.5
   periods count the ticks they swallowed); plus the node's own monitor from /diagnostics.
 * inference latency and delay d, chunks, holds.
+* the machine itself, in the same window: a bare 50 Hz loop (recap_ros.control.ticker.DeadlineLoop with a no-op
+  body, no ROS, its own process, the node's realtime priority) and the hypervisor's CPU steal time from /proc/stat.
+  Ticks that even the bare loop misses are the machine's, not the node's.
 * seams: max joint step of the stitched stream around every chunk switch and over the whole run, as a multiple
   of the per-tick velocity limit max_velocity*dt, against the jump naive chunk switching (new chunk from index 0
   at the same moment, openpi style) would have made at the same seams, from the same chunks.
@@ -19,6 +22,8 @@ shorter for quick runs. Figures measured on a loaded shared machine are noisy: c
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import tempfile
 import threading
 import time
@@ -35,6 +40,7 @@ from trajectory_msgs.msg import JointTrajectory
 
 from recap_ros import launch_graph, rosmsg, runner
 from recap_ros.control.stitching import JointLimits, naive_seam_jump
+from recap_ros.control.ticker import CONTROL_PRIORITY, DeadlineLoop, PeriodMonitor
 from recap_ros.station import load_station
 
 
@@ -72,6 +78,29 @@ class Probe(Node):
         for s in msg.status:
             if s.name == "policy_server":
                 self.diag = rosmsg.diagnostic_values(s)
+
+
+def reference_loop(settle_s: float, duration_s: float, period_s: float, priority: int, out) -> None:
+    """A no-op DeadlineLoop for duration_s after settle_s (spawned process); puts its summary and the wall-clock
+    stamps (ns) of the ticks that ended a missed deadline on ``out``."""
+    time.sleep(settle_s)
+    monitor = PeriodMonitor(period_s, window=int(duration_s / period_s) + 100)
+    gaps: list[int] = []
+    loop = DeadlineLoop(period_s, lambda periods, _now: gaps.append(time.time_ns()) if periods > 1 else None,
+                        monitor, on_error=lambda e: None, priority=priority, name="reference-loop")
+    loop.start()
+    time.sleep(duration_s)
+    loop.stop()
+    out.put({**monitor.summary(), "scheduling": loop.scheduling, "gaps_ns": gaps})
+
+
+def cpu_steal_s() -> float:
+    """Seconds of CPU time the hypervisor stole from this VM since boot (all CPUs; 0 where not reported)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def period_figures(stamps_ns: np.ndarray, period_s: float) -> dict:
@@ -145,6 +174,12 @@ def main(argv=None) -> int:
     specs = [s for s in launch_graph.node_specs(station, overrides) if s.name in wanted]
     print(f"station '{station.name}': starting {[s.name for s in specs]}", flush=True)
 
+    ctx = multiprocessing.get_context("spawn")  # no fork of this process's threads
+    ref_out = ctx.Queue()
+    priority = int(server.get("tick_priority", CONTROL_PRIORITY))
+    ref = ctx.Process(target=reference_loop, args=(args.settle, args.duration, station.robot.period_s, priority,
+                                                   ref_out), daemon=True)
+    ref.start()
     rclpy.init()
     probe = Probe(station)
     executor = SingleThreadedExecutor()
@@ -157,13 +192,18 @@ def main(argv=None) -> int:
         t_start = time.monotonic()
         settle_ns = rosmsg.now_ns(probe) + int(args.settle * 1e9)
         end = t_start + args.settle + args.duration
+        steal = None
         while time.monotonic() < end:
+            if steal is None and time.monotonic() >= t_start + args.settle:
+                steal = cpu_steal_s()
             dead = procs.first_dead()
             if dead:
                 print(f"node {dead[0]} exited with code {dead[1]}", flush=True)
                 return 1
             time.sleep(0.5)
         diag = dict(probe.diag)
+        steal = cpu_steal_s() - (steal or cpu_steal_s())
+        reference = ref_out.get(timeout=30)
     finally:
         procs.stop()
         executor.shutdown(timeout_sec=2)
@@ -190,6 +230,12 @@ def main(argv=None) -> int:
         print(f"for comparison, sim_robot's own 50 Hz loop (/joint_states, another process): p99 {jf['p99']:.3f} ms, "
               f"max {jf['max']:.3f} ms, missed ticks {jf['missed']}; policy gaps within 0.2 s of a sim_robot gap: "
               f"{shared_gaps(pf['gaps_ns'], jf['gaps_ns'])} of {len(pf['gaps_ns'])}")
+    print(f"the machine, same window: bare 50 Hz loop (no ROS, own process, {reference['scheduling']}): p50 "
+          f"{reference['period_err_p50_ms']:.3f} ms, p99 {reference['period_err_p99_ms']:.3f} ms, max "
+          f"{reference['period_err_max_ms']:.1f} ms, missed ticks {reference['missed_ticks']}; policy gaps within 0.2 s "
+          f"of a bare-loop gap: {shared_gaps(pf['gaps_ns'], np.array(reference['gaps_ns'], dtype=np.int64))} of "
+          f"{len(pf['gaps_ns'])}; CPU steal by the hypervisor {steal:.2f} s over {args.duration:.0f} s")
+    print(f"ratio node/bare loop p99 period error: {pf['p99'] / max(reference['period_err_p99_ms'], 1e-6):.2f}")
     if diag:
         print(f"node monitor (last {3000} ticks): p50 {diag.get('period_err_p50_ms')} ms, p99 "
               f"{diag.get('period_err_p99_ms')} ms, max {diag.get('period_err_max_ms')} ms, missed since start "

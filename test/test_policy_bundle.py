@@ -59,6 +59,15 @@ def test_corrupt_config(tiny_copy):
         load_policy(tiny_copy)
 
 
+def test_unknown_action_space(tiny_copy):
+    cfg = json.loads((tiny_copy / "config.json").read_text())
+    cfg["action_space"] = "joint_velocities"
+    (tiny_copy / "config.json").write_text(json.dumps(cfg))
+    write_manifest(tiny_copy)
+    with pytest.raises(PolicyError, match="action_space 'joint_velocities' is not one of absolute_joint_positions"):
+        load_policy(tiny_copy)
+
+
 def test_corrupt_weights_detected(tiny_copy):
     w = tiny_copy / "model.safetensors"
     data = bytearray(w.read_bytes())

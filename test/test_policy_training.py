@@ -8,7 +8,7 @@ import torch
 
 from recap_ros.policy import PolicyError, load_policy
 from recap_ros.policy.config import PRESETS, preset
-from recap_ros.policy.model import Pi06Policy, PrefixEncoder, images_to_float
+from recap_ros.policy.model import KeypointEncoder, Pi06Policy, PrefixEncoder, images_to_float, spatial_keypoints
 from recap_ros.policy.normalize import (
     compute_norm_stats,
     load_norm_stats,
@@ -146,10 +146,61 @@ def test_fresh_prefix_tokens_have_comparable_scale():
     """Text tokens (Gemma-scaled by sqrt(width)) start at the image tokens' scale, so attention can update them
     (N(0, 1) embeddings made them ~sqrt(width)x larger: 28x for the tiny preset)."""
     torch.manual_seed(0)
-    for cfg in (preset("tiny"), preset("tiny", width=256, head_dim=128)):
+    for cfg in (preset("tiny"), preset("tiny", width=256, head_dim=128), preset("tiny", vision_encoder="keypoints")):
         enc = PrefixEncoder(cfg)
         images, *_ = batch(2)
         img = enc.vision(images_to_float(torch.as_tensor(images)).flatten(0, 1))
         text = enc.embed(torch.arange(10, 60)) * cfg.width ** 0.5
         ratio = float(text.pow(2).mean().sqrt() / img.pow(2).mean().sqrt())
         assert 0.2 < ratio < 5.0, (cfg.width, ratio)
+
+
+def test_spatial_keypoints_find_the_peak():
+    """The keypoint encoder's spatial softmax returns a heatmap's peak in [-1, 1] image coordinates (x right,
+    y down), and its peakedness: 0 for a flat map, large for one standing-out pixel, whatever the heatmap's scale."""
+    enc = KeypointEncoder(preset("tiny", vision_encoder="keypoints", image_size=16), 32)
+    heat = torch.zeros(1, 3, 64)
+    heat[0, 0, 2 * 8 + 6] = 1.0  # row 2, column 6 of the 8x8 heatmap
+    heat[0, 2] = heat[0, 0] * 1e-2  # the same shape, 100x weaker (a fresh conv net's heatmaps are weak)
+    kp = spatial_keypoints(heat, enc.grid, torch.tensor(20.0))
+    np.testing.assert_allclose(kp[0, 0, :2].numpy(), [-1 + 2 * 6 / 7, -1 + 2 * 2 / 7], atol=1e-3)
+    np.testing.assert_allclose(kp[0, 1].numpy(), [0.0, 0.0, 0.0], atol=1e-6)
+    assert kp[0, 0, 2] > 3
+    np.testing.assert_allclose(kp[0, 2].numpy(), kp[0, 0].numpy(), rtol=2e-3, atol=1e-3)
+
+
+def test_fresh_keypoints_follow_the_image():
+    """A fresh keypoint encoder already places its keypoints differently in different scenes (its heatmaps are
+    standardised), so the policy's training has a signal from the views from the first step."""
+    torch.manual_seed(0)
+    enc = KeypointEncoder(preset("tiny", vision_encoder="keypoints", image_size=48), 32)
+    rng = np.random.default_rng(0)
+    scenes = np.full((8, 48, 48, 3), 150, np.uint8)
+    for img in scenes:  # one small saturated blob per scene at a random place, as a sim marker
+        y, x = rng.integers(4, 44, 2)
+        img[y - 3:y + 3, x - 3:x + 3] = (225, 40, 40)
+    x = images_to_float(torch.from_numpy(scenes)[None])[0]
+    with torch.no_grad():
+        xy = enc.keypoints(x)[..., :2]
+    assert float(xy.std(0).mean()) > 0.1
+
+
+def test_keypoint_policy_config_and_export(tmp_path):
+    """vision_encoder "keypoints": validated, one token per keypoint per view, and its bundle runs the same on
+    torch and ONNX Runtime."""
+    from recap_ros.policy.bundle import save_bundle
+
+    with pytest.raises(PolicyError, match="vision_encoder='cnn'"):
+        preset("tiny", vision_encoder="cnn")
+    with pytest.raises(PolicyError, match="image_size=33"):
+        preset("tiny", vision_encoder="keypoints", image_size=33)
+    cfg = preset("tiny", **SMALL, vision_encoder="keypoints", vision_tokens=5)  # any count, not only squares
+    assert cfg.prefix_len == 3 * 5 + cfg.max_text_tokens + 1 + cfg.max_advantage_tokens
+    torch.manual_seed(2)
+    rng = np.random.default_rng(0)
+    stats = compute_norm_stats(rng.normal(size=(100, 14)), rng.normal(size=(100, 14)))
+    b = save_bundle(Pi06Policy(cfg), tmp_path / "kp", stats)
+    views = [rng.integers(0, 256, (30, 30, 3), dtype=np.uint8) for _ in range(3)]
+    outs = [load_policy(b.dir, backend=be).infer(views, np.ones(14), "touch red", beta=2.0, seed=2)
+            for be in ("torch", "onnxruntime")]
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-4)

@@ -92,3 +92,36 @@ def test_train_saves_loadable_bundle_and_finetunes_from_given_checkpoint(tmp_pat
     assert any(not torch.equal(base[k], v) for k, v in tuned.state_dict().items())
     with pytest.raises(ValueError, match="policy takes"):
         tp.train_policy(frames(size=24), None, init=tmp_path / "sft", steps=1, progress=False, device="cpu")
+
+
+def test_delta_action_space_trains_on_motion_and_serves_absolute_positions(tmp_path):
+    """delta_joint_positions (openpi DeltaActions): the model learns chunk − state (norm stats of the motion),
+    the bundle says so, fine-tuning keeps it, and the runtime returns absolute positions (state added back)."""
+    from recap_ros.policy import load_policy
+    from recap_ros.policy.bundle import open_bundle
+
+    f = frames()
+    np.testing.assert_array_equal(tp.action_targets(f, "delta_joint_positions"),
+                                  f.action_chunk - f.state[:, None, :])
+    assert tp.action_targets(f, "absolute_joint_positions") is f.action_chunk
+    tp.train_policy(f, tmp_path / "d", sft=True, steps=2, batch_size=4, progress=False, device="cpu",
+                    model_overrides=SMALL, action_space="delta_joint_positions")
+    b = open_bundle(tmp_path / "d")
+    assert b.action_space == "delta_joint_positions"
+    motion = tp.action_targets(f, "delta_joint_positions").reshape(-1, 14)
+    np.testing.assert_allclose(b.norm_stats["actions"].mean, motion.mean(0), atol=1e-5)
+    tp.train_policy(f, tmp_path / "d2", init=tmp_path / "d", sft=True, steps=1, batch_size=4, progress=False,
+                    device="cpu")
+    assert open_bundle(tmp_path / "d2").action_space == "delta_joint_positions"
+    pol = load_policy(str(tmp_path / "d"), backend="torch")
+    assert pol.info.action_space == "delta_joint_positions"
+    views = [np.zeros((40, 40, 3), np.uint8)] * 3
+    q = np.linspace(-0.4, 0.4, 14)
+    a0, a1 = (pol.infer(views, state, "touch it", seed=1) for state in (np.zeros(14), q))
+    # the same motion would be added to a different state: only the state-dependence of the net differs
+    raw = pol.backend.run(pol.prepare_inputs(views, q, "touch it", 1, None), pol.config.denoise_steps, None)[0]
+    np.testing.assert_allclose(a1, b.norm_stats["actions"].unnormalize(raw.astype(np.float64), "quantile") + q,
+                               atol=1e-6)
+    assert not np.allclose(a0, a1)
+    with pytest.raises(ValueError, match="action space 'joint_velocities'"):
+        tp.train_policy(f, None, steps=1, progress=False, device="cpu", action_space="joint_velocities")

@@ -17,6 +17,9 @@ from typing import Callable
 import numpy as np
 
 
+CONTROL_PRIORITY = 50  # default SCHED_FIFO priority of 50 Hz command loops (below the kernel's IRQ threads)
+
+
 class PeriodMonitor:
     def __init__(self, period_s: float, window: int = 3000):
         self.period_ns = int(round(period_s * 1e9))

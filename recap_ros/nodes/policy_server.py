@@ -60,7 +60,7 @@ from recap_ros.control.stitching import (
     JointLimits,
     Request,
 )
-from recap_ros.control.ticker import DeadlineLoop, PeriodMonitor, try_realtime
+from recap_ros.control.ticker import CONTROL_PRIORITY, DeadlineLoop, PeriodMonitor, try_realtime
 from recap_ros.nodes import run_node
 from recap_ros.station import BETA_MIN, load_station
 
@@ -112,7 +112,7 @@ class PolicyServer(Node):
         self.denoise_steps = p("denoise_steps", pol.denoise_steps, "flow-matching steps per chunk")
         autostart = p("autostart", pol.autostart, "start executing without a ~/start call")
         self.seed = p("seed", 0, "noise seed of the first chunk (+1 per chunk)")
-        tick_priority = p("tick_priority", 50, "SCHED_FIFO priority of the tick thread (0: none)")
+        tick_priority = p("tick_priority", CONTROL_PRIORITY, "SCHED_FIFO priority of the tick thread (0: none)")
         ros_priority = p("ros_priority", 0, "SCHED_FIFO priority of the thread that builds and spins this node "
                          "(0: none, the default: a busy FIFO executor starves the other nodes of a small machine)")
         self.inference_priority = p("inference_priority", 0, "SCHED_FIFO priority of the inference thread "

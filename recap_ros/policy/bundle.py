@@ -4,7 +4,8 @@ Layout::
 
     config.json        {"format": "recap_ros.policy/1", "name", "model": PolicyConfig, "tokenizer": {...},
                         "onnx": {"prefix": "onnx/prefix.onnx", "denoise": {"5": {"cond": ..., "cfg": ...}}},
-                        "action_space": "absolute_joint_positions", "joint_names": [...] | null, "description"}
+                        "action_space": "absolute_joint_positions" | "delta_joint_positions",
+                        "joint_names": [...] | null, "description"}
     norm_stats.json    openpi format (state, actions: mean/std/q01/q99), see recap_ros.policy.normalize
     tokenizer.model    SentencePiece model (only for tokenizer type "sentencepiece"; "byte" needs no file)
     model.safetensors  weights (safetensors only, never pickle)
@@ -36,6 +37,9 @@ CONFIG, NORM_STATS, WEIGHTS, MANIFEST, README = ("config.json", "norm_stats.json
                                                  "manifest.json", "README.md")
 ONNX_DIR = "onnx"
 ACTION_SPACE = "absolute_joint_positions"
+# the model's action output: absolute joint positions, or positions relative to the observed state (openpi's
+# DeltaActions; the runtime adds the state back, so a server always receives absolute positions)
+ACTION_SPACES = (ACTION_SPACE, "delta_joint_positions")
 FULL_HASH_LIMIT = 1 << 30  # files above 1 GiB are size-checked only, unless verify=True
 
 
@@ -57,6 +61,10 @@ class Bundle:
     tokenizer: object
     manifest: dict
     bundle_id: str
+
+    @property
+    def action_space(self) -> str:
+        return self.meta.get("action_space", ACTION_SPACE)
 
     @property
     def prompt_encoder(self) -> PromptEncoder:
@@ -161,6 +169,9 @@ def open_bundle(name_or_path: str | Path, verify: bool | None = None) -> Bundle:
     if tokenizer.vocab_size > config.vocab_size:
         raise PolicyError(f"{bdir}: tokenizer has {tokenizer.vocab_size} tokens, model vocab_size is "
                           f"{config.vocab_size}")
+    if meta.get("action_space", ACTION_SPACE) not in ACTION_SPACES:
+        raise PolicyError(f"{bdir / CONFIG}: action_space {meta['action_space']!r} is not one of "
+                          f"{', '.join(ACTION_SPACES)}")
     joint_names = meta.get("joint_names")
     if joint_names is not None and (not isinstance(joint_names, list) or len(joint_names) != config.state_dim):
         raise PolicyError(f"{bdir / CONFIG}: joint_names must be null or a list of {config.state_dim} names")
@@ -202,18 +213,21 @@ def _readme(bdir: Path, meta: dict, n_params: dict) -> str:
 
 def save_bundle(model, out_dir: str | Path, norm_stats: dict[str, Stats], tokenizer=None, *, name: str | None = None,
                 steps: tuple[int, ...] | None = None, joint_names: list[str] | None = None,
-                description: str = "", weights_dtype: str = "float32") -> Bundle:
+                description: str = "", weights_dtype: str = "float32", action_space: str = ACTION_SPACE) -> Bundle:
     """Write a complete, immediately loadable bundle: config, norm stats, tokenizer, safetensors weights, the ONNX
     graphs (prefix + denoise for ``steps``, default the config's step count) and the manifest.
 
     ``tokenizer``: None (byte-level) or a :class:`~recap_ros.policy.tokenizer.SentencePieceTokenizer` whose model
     file is copied into the bundle. ``weights_dtype`` ('float32' | 'bfloat16' | 'float16') is the safetensors
-    storage type (the ONNX graphs are always fp32; TensorRT picks its precision when building engines)."""
+    storage type (the ONNX graphs are always fp32; TensorRT picks its precision when building engines).
+    ``action_space``: one of ACTION_SPACES; norm_stats['actions'] must describe that space."""
     import torch
     from safetensors.torch import save_file
 
     from recap_ros.policy.export import export_onnx
 
+    if action_space not in ACTION_SPACES:
+        raise PolicyError(f"save_bundle: action_space {action_space!r} is not one of {', '.join(ACTION_SPACES)}")
     if weights_dtype not in ("float32", "bfloat16", "float16"):
         raise PolicyError(f"save_bundle: weights_dtype '{weights_dtype}' must be float32, bfloat16 or float16")
     cfg = model.config
@@ -237,7 +251,7 @@ def save_bundle(model, out_dir: str | Path, norm_stats: dict[str, Stats], tokeni
     (bdir / WEIGHTS).chmod(0o644)
     onnx = export_onnx(model, bdir / ONNX_DIR, steps or (cfg.denoise_steps,))
     meta = {"format": FORMAT, "name": name or bdir.name, "description": description, "model": cfg.to_json(),
-            "tokenizer": spec, "onnx": onnx, "action_space": ACTION_SPACE,
+            "tokenizer": spec, "onnx": onnx, "action_space": action_space,
             "joint_names": list(joint_names) if joint_names is not None else None}
     (bdir / CONFIG).write_text(json.dumps(meta, indent=1))
     write_manifest(bdir)

@@ -16,11 +16,16 @@ TIME_CONDITIONING = ("adarms", "concat")  # π0.5 adaptive RMSNorm | π0 action+
 STATE_INPUT = ("prefix", "suffix")  # a continuous state token in the backbone prefix | in the expert suffix (π0)
 NORMALIZATION = ("quantile", "zscore")
 IMAGE_RESIZE = ("resize", "letterbox")
+VISION_ENCODERS = ("vit", "keypoints")  # SigLIP-class ViT | conv net + spatial-softmax keypoints (few-demo sims)
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    # vision (SigLIP-class ViT; its patch grid is average-pooled to `vision_tokens` per view)
+    # vision. "vit": SigLIP-class ViT whose patch grid is average-pooled to `vision_tokens` per view.
+    # "keypoints" (ACT / Diffusion-Policy-style, learns from few demonstrations): a stride-2 conv stem and
+    # `vision_depth` residual 3x3 conv blocks of `vision_width` channels, a 1x1 conv to `vision_tokens` heatmaps,
+    # spatial softmax -> one token per heatmap from its expected (x, y) and peakedness (patch_size/heads/mlp unused).
+    vision_encoder: str = "vit"
     image_size: int = 64
     patch_size: int = 8
     vision_width: int = 64
@@ -76,14 +81,20 @@ class PolicyConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise bad(key, "must be a positive integer")
-        if self.image_size % self.patch_size:
-            raise bad("image_size", f"not a multiple of patch_size {self.patch_size}")
-        grid = self.image_size // self.patch_size
-        side = round(self.vision_tokens ** 0.5)
-        if side * side != self.vision_tokens or grid % side:
-            raise bad("vision_tokens", f"must be a square whose side divides the patch grid {grid}")
-        if self.vision_width % self.vision_heads:
-            raise bad("vision_width", f"not a multiple of vision_heads {self.vision_heads}")
+        if self.vision_encoder not in VISION_ENCODERS:
+            raise bad("vision_encoder", f"must be one of {', '.join(VISION_ENCODERS)}")
+        if self.vision_encoder == "keypoints":
+            if self.image_size % 2:
+                raise bad("image_size", "must be even (the keypoint encoder's stem has stride 2)")
+        else:
+            if self.image_size % self.patch_size:
+                raise bad("image_size", f"not a multiple of patch_size {self.patch_size}")
+            grid = self.image_size // self.patch_size
+            side = round(self.vision_tokens ** 0.5)
+            if side * side != self.vision_tokens or grid % side:
+                raise bad("vision_tokens", f"must be a square whose side divides the patch grid {grid}")
+            if self.vision_width % self.vision_heads:
+                raise bad("vision_width", f"not a multiple of vision_heads {self.vision_heads}")
         if self.heads % self.kv_heads:
             raise bad("heads", f"not a multiple of kv_heads {self.kv_heads}")
         if self.head_dim % 2:

@@ -210,6 +210,61 @@ class VisionEncoder(nn.Module):
         return self.proj(x.flatten(2).transpose(1, 2))
 
 
+KEYPOINT_TEMPERATURE = 3.0  # initial softmax temperature per standard deviation of a heatmap (learned)
+
+
+def spatial_keypoints(heat, grid, temperature):
+    """Spatial softmax. heat (N, K, pixels), grid (pixels, 2) -> (N, K, 3): the softmax-expected (x, y) of each
+    heatmap and its peakedness (log-mean-exp / temperature: 0 for a flat map, up to the peak's z-score).
+
+    Each heatmap is standardised over its pixels first, so the softmax (at ``temperature`` per standard deviation)
+    picks out what stands out in THIS image from the start of training; raw heatmaps of a fresh conv net vary by
+    ~0.04 over an image and every keypoint would sit at the image centre, giving the policy nothing to learn from."""
+    z = (heat - heat.mean(-1, keepdim=True)) / (heat.std(-1, keepdim=True) + 1e-6)
+    logits = z * temperature
+    xy = torch.matmul(torch.softmax(logits, -1), grid)
+    peak = (torch.logsumexp(logits, -1, keepdim=True) - math.log(logits.shape[-1])) / temperature
+    return torch.cat([xy, peak], -1)
+
+
+class KeypointEncoder(nn.Module):
+    """Images (B·N, 3, H, W) in [-1, 1] -> (B·N, vision_tokens, out_dim) through spatial-softmax keypoints.
+
+    The encoder of ACT / Diffusion Policy-class visuomotor policies (Levine et al. 2016 spatial softmax), which
+    learns where things are from a few hundred demonstrations: conv features -> ``vision_tokens`` heatmaps ->
+    softmax over the pixels -> expected image coordinates (x, y) and peakedness of each heatmap
+    (:func:`spatial_keypoints`). Each keypoint becomes one token: an MLP of (x, y, peakedness) plus a learned
+    embedding of (view, heatmap), so the backbone can tell which keypoint (e.g. which colour) of which camera a
+    token is."""
+
+    def __init__(self, cfg: PolicyConfig, out_dim: int):
+        super().__init__()
+        c, k = cfg.vision_width, cfg.vision_tokens
+        self.views, self.k = cfg.num_cameras, k
+        self.stem = nn.Conv2d(3, c, 5, stride=2, padding=2)
+        self.blocks = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(cfg.vision_depth))
+        self.heat = nn.Conv2d(c, k, 1)
+        self.log_temp = nn.Parameter(torch.tensor(math.log(KEYPOINT_TEMPERATURE)))
+        side = cfg.image_size // 2
+        axis = torch.linspace(-1.0, 1.0, side)
+        grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(side * side, 2)
+        self.register_buffer("grid", grid, persistent=False)  # (pixels, 2): x, y of each heatmap pixel
+        self.fc1, self.fc2 = nn.Linear(3, out_dim), nn.Linear(out_dim, out_dim)
+        self.embed = nn.Parameter(torch.randn(self.views, k, out_dim))
+
+    def keypoints(self, img):
+        """(N, 3, H, W) -> (N, vision_tokens, 3): x, y, peakedness of each heatmap."""
+        x = F.gelu(self.stem(img))
+        for blk in self.blocks:
+            x = x + F.gelu(blk(x))
+        return spatial_keypoints(self.heat(x).flatten(2), self.grid, torch.exp(self.log_temp))
+
+    def forward(self, img):
+        tok = self.fc2(F.gelu(self.fc1(self.keypoints(img))))
+        n = tok.shape[0] // self.views
+        return (tok.reshape(n, self.views, self.k, -1) + self.embed).reshape(n * self.views, self.k, -1)
+
+
 def _inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     return theta ** (-torch.arange(0, head_dim // 2, dtype=torch.float32) / (head_dim // 2))
 
@@ -227,7 +282,7 @@ class PrefixEncoder(nn.Module):
     def __init__(self, cfg: PolicyConfig):
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionEncoder(cfg, cfg.width)
+        self.vision = (KeypointEncoder if cfg.vision_encoder == "keypoints" else VisionEncoder)(cfg, cfg.width)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
         # Gemma scales embeddings by sqrt(width), so they are initialised at 1/sqrt(width): ~1 per element in the
         # residual stream, like the image tokens. (nn.Embedding's N(0, 1) made text tokens ~sqrt(width) times

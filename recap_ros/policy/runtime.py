@@ -51,7 +51,7 @@ class Policy:
                                action_dim=c.action_dim, state_dim=c.state_dim, camera_roles=tuple(c.camera_roles),
                                image_size=c.image_size, denoise_steps=c.denoise_steps,
                                exported_steps=bundle.onnx_steps, joint_names=tuple(names) if names else None,
-                               normalization=c.normalization)
+                               normalization=c.normalization, action_space=bundle.action_space)
         self._prompt_cache: tuple[str, dict] | None = None
 
     # ----------------------------------------------------------------------------------------- station
@@ -119,6 +119,8 @@ class Policy:
         feeds = self.prepare_inputs(images, state, prompt, seed, float(beta) if guided else None)
         out = self.backend.run(feeds, int(steps), float(beta) if guided else None)
         actions = self.bundle.norm_stats["actions"].unnormalize(out[0].astype(np.float64), self.config.normalization)
+        if self.info.action_space != ACTION_SPACE:  # delta_joint_positions: relative to the observed state
+            actions = actions + np.asarray(state, np.float64)[None]
         if actions.shape != (self.config.chunk_len, self.config.action_dim) or not np.isfinite(actions).all():
             raise PolicyError(f"backend {self.info.backend} returned an invalid chunk (shape {actions.shape}, "
                               f"finite: {bool(np.isfinite(actions).all())})")

@@ -149,6 +149,10 @@ def train_policy_main(argv=None) -> int:
     p.add_argument("--init", default=None, help="policy bundle to fine-tune from (the pre-trained checkpoint)")
     p.add_argument("--preset", default="tiny", help="model preset for a new model (without --init)")
     p.add_argument("--model", default="{}", help='JSON overrides of the preset, e.g. \'{"image_size": 48}\'')
+    from recap_ros.policy.bundle import ACTION_SPACE, ACTION_SPACES
+
+    p.add_argument("--action-space", default=ACTION_SPACE, choices=ACTION_SPACES,
+                   help="what a new model outputs (with --init: the checkpoint's)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--labels", help="labels file from recap-label")
     mode.add_argument("--sft", action="store_true", help="supervised fine-tuning: I_t = positive for all")
@@ -172,7 +176,7 @@ def train_policy_main(argv=None) -> int:
             frames = apply_labels(frames, a.labels)
         _, losses = train_policy(frames, a.out, init=a.init, preset_name=a.preset, sft=a.sft, drop_prob=a.drop,
                                  steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
-                                 model_overrides=overrides,
+                                 model_overrides=overrides, action_space=a.action_space,
                                  description=f"recap-train-policy {'SFT' if a.sft else 'advantage-conditioned'} "
                                              f"on {a.data} ({len(frames)} frames)")
     except (ValueError, OSError, RuntimeError, PolicyError) as e:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recap_ros.policy.bundle import open_bundle, save_bundle
+from recap_ros.policy.bundle import ACTION_SPACE, ACTION_SPACES, open_bundle, save_bundle
 from recap_ros.policy.config import preset
 from recap_ros.policy.model import Pi06Policy
 from recap_ros.policy.normalize import Stats, compute_norm_stats
@@ -47,17 +47,26 @@ def normalized(stats: Stats, x: np.ndarray, mode: str) -> np.ndarray:
     return stats.normalize(np.asarray(x, np.float64), mode).astype(np.float32)
 
 
+def action_targets(frames: Frames, action_space: str) -> np.ndarray:
+    """The chunks the model learns to output: absolute joint positions, or (delta_joint_positions) the chunk
+    relative to the state it was planned from, as the runtime adds that state back."""
+    if action_space == ACTION_SPACE:
+        return frames.action_chunk
+    return (frames.action_chunk - frames.state[:, None, :]).astype(np.float32)
+
+
 class _PolicyLoss(nn.Module):
     """forward(indices) -> flow-matching loss of those frames with dropped-out advantage indicators."""
 
     def __init__(self, model: Pi06Policy, frames: Frames, indicators: np.ndarray, stats: dict[str, Stats],
-                 drop_prob: float):
+                 drop_prob: float, action_space: str = ACTION_SPACE):
         super().__init__()
         self.model, self.frames, self.ind, self.drop = model, frames, indicators, drop_prob
         c = model.config
         self.enc = prompt_encoder_for(model)
         self.state = torch.from_numpy(normalized(stats["state"], frames.state, c.normalization))
-        self.chunk = torch.from_numpy(normalized(stats["actions"], frames.action_chunk, c.normalization))
+        self.chunk = torch.from_numpy(normalized(stats["actions"], action_targets(frames, action_space),
+                                                 c.normalization))
 
     def forward(self, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         f = self.frames
@@ -82,27 +91,33 @@ def train_policy(frames: Frames, out: str | Path | None, init: str | Path | None
                  sft: bool = False, drop_prob: float = DROP_PROB, steps: int = 1000, batch_size: int = 32,
                  lr: float = 3e-4, seed: int = 0, device: str | None = None, progress: bool = True,
                  joint_names: list[str] | None = None, description: str = "",
-                 model_overrides: dict | None = None) -> tuple[Pi06Policy, list[float]]:
-    """Fine-tune the bundle ``init`` (weights and norm stats kept) or train ``preset_name`` from scratch (norm
-    stats from ``frames``); writes a bundle to ``out`` on rank 0."""
+                 model_overrides: dict | None = None, action_space: str = ACTION_SPACE
+                 ) -> tuple[Pi06Policy, list[float]]:
+    """Fine-tune the bundle ``init`` (weights, norm stats and action space kept) or train ``preset_name`` from
+    scratch (norm stats from ``frames``, outputs in ``action_space``); writes a bundle to ``out`` on rank 0."""
     if not 0.0 <= drop_prob < 1.0:
         raise ValueError(f"indicator drop probability must be in [0, 1) (got {drop_prob})")
+    if action_space not in ACTION_SPACES:
+        raise ValueError(f"action space {action_space!r} is not one of {', '.join(ACTION_SPACES)}")
     dist = trainer.setup(device)
     torch.manual_seed(seed)
     if init is not None:
         bundle = open_bundle(init)  # the given checkpoint, never the previous iteration's result
         model, stats, tokenizer = bundle.load_model(), bundle.norm_stats, bundle.tokenizer
         joint_names = joint_names or bundle.meta.get("joint_names")
+        action_space = bundle.action_space
     else:
         model = Pi06Policy(preset(preset_name, **(model_overrides or {})))
-        stats = compute_norm_stats(frames.state, frames.action_chunk)
+        stats = compute_norm_stats(frames.state, action_targets(frames, action_space))
         tokenizer = None
     check_frames(model, frames)
     indicators = training_indicators(frames, sft)
-    losses = trainer.fit(_PolicyLoss(model, frames, indicators, stats, drop_prob), len(frames), steps, batch_size,
-                         lr, dist, seed=seed, desc="policy" + (" (SFT)" if sft else ""), progress=progress)
+    losses = trainer.fit(_PolicyLoss(model, frames, indicators, stats, drop_prob, action_space), len(frames), steps,
+                         batch_size, lr, dist, seed=seed, desc="policy" + (" (SFT)" if sft else ""),
+                         progress=progress)
     model.eval()
     if out is not None and dist.main:
-        save_bundle(model, out, stats, tokenizer, joint_names=joint_names, description=description)
+        save_bundle(model, out, stats, tokenizer, joint_names=joint_names, description=description,
+                    action_space=action_space)
     trainer.barrier(dist)
     return model, losses
