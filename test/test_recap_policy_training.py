@@ -99,6 +99,7 @@ def test_delta_action_space_trains_on_motion_and_serves_absolute_positions(tmp_p
     the bundle says so, fine-tuning keeps it, and the runtime returns absolute positions (state added back)."""
     from recap_ros.policy import load_policy
     from recap_ros.policy.bundle import open_bundle
+    from recap_ros.policy.errors import PolicyError
 
     f = frames()
     np.testing.assert_array_equal(tp.action_targets(f, "delta_joint_positions"),
@@ -123,5 +124,5 @@ def test_delta_action_space_trains_on_motion_and_serves_absolute_positions(tmp_p
     np.testing.assert_allclose(a1, b.norm_stats["actions"].unnormalize(raw.astype(np.float64), "quantile") + q,
                                atol=1e-6)
     assert not np.allclose(a0, a1)
-    with pytest.raises(ValueError, match="action space 'joint_velocities'"):
+    with pytest.raises(PolicyError, match="train_policy: action_space 'joint_velocities' is not one of"):
         tp.train_policy(f, None, steps=1, progress=False, device="cpu", action_space="joint_velocities")

@@ -40,6 +40,13 @@ ACTION_SPACE = "absolute_joint_positions"
 # the model's action output: absolute joint positions, or positions relative to the observed state (openpi's
 # DeltaActions; the runtime adds the state back, so a server always receives absolute positions)
 ACTION_SPACES = (ACTION_SPACE, "delta_joint_positions")
+
+
+def check_action_space(value, where: str) -> str:
+    """``value`` if it is one of ACTION_SPACES, else PolicyError naming it and where it came from."""
+    if value not in ACTION_SPACES:
+        raise PolicyError(f"{where}: action_space {value!r} is not one of {', '.join(ACTION_SPACES)}")
+    return value
 FULL_HASH_LIMIT = 1 << 30  # files above 1 GiB are size-checked only, unless verify=True
 
 
@@ -169,9 +176,7 @@ def open_bundle(name_or_path: str | Path, verify: bool | None = None) -> Bundle:
     if tokenizer.vocab_size > config.vocab_size:
         raise PolicyError(f"{bdir}: tokenizer has {tokenizer.vocab_size} tokens, model vocab_size is "
                           f"{config.vocab_size}")
-    if meta.get("action_space", ACTION_SPACE) not in ACTION_SPACES:
-        raise PolicyError(f"{bdir / CONFIG}: action_space {meta['action_space']!r} is not one of "
-                          f"{', '.join(ACTION_SPACES)}")
+    check_action_space(meta.get("action_space", ACTION_SPACE), str(bdir / CONFIG))
     joint_names = meta.get("joint_names")
     if joint_names is not None and (not isinstance(joint_names, list) or len(joint_names) != config.state_dim):
         raise PolicyError(f"{bdir / CONFIG}: joint_names must be null or a list of {config.state_dim} names")
@@ -226,8 +231,7 @@ def save_bundle(model, out_dir: str | Path, norm_stats: dict[str, Stats], tokeni
 
     from recap_ros.policy.export import export_onnx
 
-    if action_space not in ACTION_SPACES:
-        raise PolicyError(f"save_bundle: action_space {action_space!r} is not one of {', '.join(ACTION_SPACES)}")
+    check_action_space(action_space, "save_bundle")
     if weights_dtype not in ("float32", "bfloat16", "float16"):
         raise PolicyError(f"save_bundle: weights_dtype '{weights_dtype}' must be float32, bfloat16 or float16")
     cfg = model.config

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recap_ros.policy.bundle import ACTION_SPACE, ACTION_SPACES, open_bundle, save_bundle
+from recap_ros.policy.bundle import ACTION_SPACE, check_action_space, open_bundle, save_bundle
 from recap_ros.policy.config import preset
 from recap_ros.policy.model import Pi06Policy
 from recap_ros.policy.normalize import Stats, compute_norm_stats
@@ -97,8 +97,7 @@ def train_policy(frames: Frames, out: str | Path | None, init: str | Path | None
     scratch (norm stats from ``frames``, outputs in ``action_space``); writes a bundle to ``out`` on rank 0."""
     if not 0.0 <= drop_prob < 1.0:
         raise ValueError(f"indicator drop probability must be in [0, 1) (got {drop_prob})")
-    if action_space not in ACTION_SPACES:
-        raise ValueError(f"action space {action_space!r} is not one of {', '.join(ACTION_SPACES)}")
+    check_action_space(action_space, "train_policy")  # before any training time is spent
     dist = trainer.setup(device)
     torch.manual_seed(seed)
     if init is not None:
