@@ -41,13 +41,14 @@ ACTION_SPACE = "absolute_joint_positions"
 # DeltaActions; the runtime adds the state back, so a server always receives absolute positions)
 ACTION_SPACES = (ACTION_SPACE, "delta_joint_positions")
 
+FULL_HASH_LIMIT = 1 << 30  # files above 1 GiB are size-checked only, unless verify=True
+
 
 def check_action_space(value, where: str) -> str:
     """``value`` if it is one of ACTION_SPACES, else PolicyError naming it and where it came from."""
     if value not in ACTION_SPACES:
         raise PolicyError(f"{where}: action_space {value!r} is not one of {', '.join(ACTION_SPACES)}")
     return value
-FULL_HASH_LIMIT = 1 << 30  # files above 1 GiB are size-checked only, unless verify=True
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
