@@ -90,7 +90,7 @@ def server_factory(spin):
 
 
 def executing(server):
-    return server.core.hold_reason is None and server.stats["accepted"] >= 1
+    return server.hold_reason is None and server.stats["accepted"] >= 1
 
 
 def test_executes_chunks_then_stale_camera_holds(server_factory):
@@ -99,8 +99,8 @@ def test_executes_chunks_then_stale_camera_holds(server_factory):
     wait_for(lambda: executing(server), what="first chunk")
     wait_for(lambda: len(station.commands_since(0)) > 20, what="commands")
     station.cameras_on[2] = False  # right wrist camera stops
-    wait_for(lambda: (server.core.hold_reason or "").startswith("stale observation"), what="stale hold")
-    assert "cam_right_wrist/image_raw image older than 0.25 s" in server.core.hold_reason
+    wait_for(lambda: (server.hold_reason or "").startswith("stale observation"), what="stale hold")
+    assert "cam_right_wrist/image_raw image older than 0.25 s" in server.hold_reason
     time.sleep(0.3)
     held = station.commands_since(time.monotonic() - 0.3)
     assert len(held) >= 5, "the 50 Hz stream keeps running while holding"
@@ -117,7 +117,7 @@ def test_nan_from_model_holds_and_reports_error(server_factory):
     policy.nan = True
     server, station = server_factory(policy, retry_after_s=0.1)
     wait_for(lambda: server.stats["rejected"] >= 2, what="rejected NaN chunks")
-    assert "non-finite" in server.core.hold_reason
+    assert "non-finite" in server.hold_reason
     wait_for(lambda: "non-finite" in server.stats["last_error"], what="error report")
     cmds = station.commands_since(0)
     assert cmds and all(np.all(np.isfinite(c)) for c in cmds)
@@ -126,7 +126,7 @@ def test_nan_from_model_holds_and_reports_error(server_factory):
     wait_for(lambda: executing(server), what="recovery with a good model output")
     # the runtime's own NaN check raises PolicyError: hold at once (not after the running chunk) and report
     policy.raise_error = True
-    wait_for(lambda: (server.core.hold_reason or "").startswith("inference failed: PolicyError"),
+    wait_for(lambda: (server.hold_reason or "").startswith("inference failed: PolicyError"),
              what="hold on a runtime error")
     wait_for(lambda: "finite: False" in server.stats["last_error"], what="error report")
     t0 = time.monotonic()
