@@ -176,3 +176,14 @@ def test_mux_hand_back_replans_from_current_state(server_factory):
     cmds = np.array(station.commands_since(t_back))
     steps = np.abs(np.diff(np.vstack([q_new, cmds]), axis=0))
     assert np.all(steps <= server.limits.max_step + 1e-9), "no jump at the hand-back"
+
+
+def test_tick_process_exit_is_reported(server_factory):
+    policy = FakePolicy()
+    server, station = server_factory(policy)
+    wait_for(lambda: executing(server), what="first chunk")
+    server._tick_proc.kill()
+    wait_for(lambda: "tick process exited" in server.stats["last_error"], what="tick exit report")
+    t0 = time.monotonic()
+    time.sleep(0.2)
+    assert not station.commands_since(t0), "no commands without the tick process"
