@@ -36,6 +36,16 @@ class Station:
             self.commands.append(self.tick.step(1, self.now))
             self.now += PERIOD
 
+    @classmethod
+    def executing(cls, ticks):
+        """Started, the first plan answered, then ``ticks`` ticks run."""
+        s = cls()
+        s.tick.event("start")
+        s.step()
+        s.answer()
+        s.step(ticks)
+        return s
+
     def kinds(self, kind):
         return [r for r in self.reports if r[0] == kind]
 
@@ -69,11 +79,7 @@ def test_plans_from_the_joint_state_and_executes_the_chunk():
 
 
 def test_stale_camera_holds_and_does_not_plan():
-    s = Station()
-    s.tick.event("start")
-    s.step()
-    s.answer()
-    s.step(5)
+    s = Station.executing(5)
     s.cameras_on[2] = False
     s.step(20)
     assert s.kinds("hold")[-1][1] == f"stale observation: {CAMS[2]} image older than 0.25 s"
@@ -100,11 +106,7 @@ def test_invalid_chunk_is_rejected_held_and_retried_after_the_wait():
 
 
 def test_inference_error_holds_at_once():
-    s = Station()
-    s.tick.event("start")
-    s.step()
-    s.answer()
-    s.step(26)  # the running chunk asks for the next one at replan_every
+    s = Station.executing(26)  # the running chunk asks for the next one at replan_every
     s.answer(error="PolicyError: boom")
     s.step()
     assert s.kinds("failed")[0][2:] == ("PolicyError: boom", True)
@@ -112,11 +114,7 @@ def test_inference_error_holds_at_once():
 
 
 def test_mux_hand_back_replans_from_the_current_state():
-    s = Station()
-    s.tick.event("start")
-    s.step()
-    s.answer()
-    s.step(5)
+    s = Station.executing(5)
     s.tick.event("active", "teleop")
     s.q = s.q + 0.3  # the teleoperator moves the robot
     s.step(60)
