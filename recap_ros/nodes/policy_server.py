@@ -58,7 +58,7 @@ from trajectory_msgs.msg import JointTrajectory
 from recap_ros import rosmsg
 from recap_ros.control.guidance import BETA_OFF, beta_problem
 from recap_ros.control.policy_tick import POLICY_INPUT, PolicyTick, TickConfig
-from recap_ros.control.stitching import JointLimits, Request
+from recap_ros.control.stitching import HOLD_NO_CHUNK, JointLimits, Request
 from recap_ros.control.ticker import CONTROL_PRIORITY, DeadlineLoop, PeriodMonitor, try_realtime
 from recap_ros.nodes import run_node
 from recap_ros.station import BETA_MIN, load_station
@@ -227,7 +227,7 @@ class PolicyServer(Node):
         self._results_lock = threading.Lock()
         self._chunks = 0
         self._closing = threading.Event()
-        self.hold_reason: str | None = "waiting for the first chunk"
+        self.hold_reason: str | None = HOLD_NO_CHUNK
         self.tick_status: dict = {}
         self.latencies_ms: deque[float] = deque(maxlen=200)
         self.stats = {"accepted": 0, "rejected": 0, "errors": 0, "last_delay_ticks": -1,
@@ -429,20 +429,19 @@ class PolicyServer(Node):
     def _publish_outbox(self) -> None:
         log = self.get_logger()
         for kind, args in _drain(self._outbox):
+            if kind in ("accepted", "rejected", "failed"):  # the tick's verdict on a result: args[0] = request
+                res = self._take_result(args[0])
+                if res is not None:
+                    self.latencies_ms.append(res.latency_ms)
             if kind == "accepted":
-                request, acc, accept_tick, accept_ns = args
-                res = self._take_result(request)
+                _, acc, accept_tick, accept_ns = args
                 self.stats["accepted"] += 1
                 self.stats["last_delay_ticks"] = acc.delay_ticks
                 self.stats["last_ticks_per_chunk"] = acc.replaced_ticks
                 if res is not None:
-                    self.latencies_ms.append(res.latency_ms)
                     self._publish_chunk(res, acc, accept_tick, accept_ns)
             elif kind in ("rejected", "failed"):
-                request, reason, current = args
-                res = self._take_result(request)
-                if res is not None:
-                    self.latencies_ms.append(res.latency_ms)
+                _, reason, current = args
                 self.stats["rejected" if kind == "rejected" else "errors"] += 1
                 if current:
                     text = f"chunk rejected: {reason}" if kind == "rejected" else f"inference failed: {reason}"
