@@ -204,3 +204,85 @@ def test_keypoint_policy_config_and_export(tmp_path):
     outs = [load_policy(b.dir, backend=be).infer(views, np.ones(14), "touch red", beta=2.0, seed=2)
             for be in ("torch", "onnxruntime")]
     np.testing.assert_allclose(outs[1], outs[0], atol=1e-4)
+
+
+def test_film_conditions_the_keypoints_on_the_prompt_and_exports(tmp_path):
+    """vision_film (keypoints only): a fresh model's FiLM is zero (the keypoints do not depend on the prompt yet);
+    once trained, different prompts move the keypoints of the same views; the bundle runs the same on torch and
+    ONNX Runtime."""
+    from recap_ros.policy.bundle import save_bundle
+
+    with pytest.raises(PolicyError, match="vision_film=True"):
+        preset("tiny", vision_film=True)  # the ViT has no FiLM
+    torch.manual_seed(3)
+    cfg = preset("tiny", **SMALL, vision_encoder="keypoints", vision_film=True, image_size=32)
+    model = Pi06Policy(cfg)
+    enc = prompt_encoder_for(model)
+    rng = np.random.default_rng(0)
+    views = rng.integers(0, 256, (1, 3, 32, 32, 3), dtype=np.uint8)
+
+    def keypoints(prompt):
+        tok = enc.encode([prompt], [None])
+        text = model.prefix.embed(torch.from_numpy(tok["tokens"])) * cfg.width ** 0.5
+        m = torch.from_numpy(tok["token_mask"]).float()[..., None]
+        cond = ((text * m).sum(1) / m.sum(1)).repeat_interleave(3, 0)
+        return model.prefix.vision.keypoints(images_to_float(torch.from_numpy(views))[0], cond)
+
+    with torch.no_grad():
+        torch.testing.assert_close(keypoints("touch the red marker"), keypoints("touch the blue marker"))
+        for lin in model.prefix.vision.film:
+            torch.nn.init.normal_(lin.weight, std=0.5)
+        assert (keypoints("touch the red marker") - keypoints("touch the blue marker")).abs().max() > 1e-3
+    stats = compute_norm_stats(rng.normal(size=(100, 14)), rng.normal(size=(100, 14)))
+    b = save_bundle(model, tmp_path / "film", stats)
+    v = [rng.integers(0, 256, (30, 30, 3), dtype=np.uint8) for _ in range(3)]
+    outs = [load_policy(b.dir, backend=be).infer(v, np.ones(14), "touch red", beta=2.0, seed=2)
+            for be in ("torch", "onnxruntime")]
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-4)
+
+
+def test_goal_head_adds_a_supervised_loss_and_ignores_the_indicator():
+    """goal_dim: an auxiliary head on the prefix adds goal_weight · MSE to the flow-matching loss; its prediction
+    never depends on the advantage segment; without a head a goal is an error, as is a per-element loss."""
+    with pytest.raises(PolicyError, match="goal_dim=-1"):
+        preset("tiny", goal_dim=-1)
+    torch.manual_seed(0)
+    model = Pi06Policy(preset("tiny", **SMALL, goal_dim=3))
+    images, state, prompts, ind, actions = batch()
+    goal = np.ones((4, 3), np.float32)
+    kw = dict(noise=torch.zeros(4, 50, 14), time=torch.full((4,), 0.5))
+    flow = flow_matching_loss(model, images, state, prompts, ind, actions, **kw)
+    both = flow_matching_loss(model, images, state, prompts, ind, actions, goal=goal, goal_weight=2.0, **kw)
+    enc = prompt_encoder_for(model)
+    preds = []
+    for indicators in ([True] * 4, [None] * 4):
+        tok = {k: torch.from_numpy(v) for k, v in enc.encode(prompts, indicators).items()}
+        _, _, kv_mask, hidden = model.prefix(images_to_float(torch.from_numpy(images)), tok["tokens"],
+                                             tok["token_mask"], tok["adv_tokens"], tok["adv_mask"],
+                                             torch.from_numpy(state))
+        preds.append(model.predict_goal(hidden, kv_mask))
+    torch.testing.assert_close(preds[0], preds[1])
+    expected = 2.0 * torch.nn.functional.mse_loss(preds[0], torch.from_numpy(goal))
+    torch.testing.assert_close(both - flow, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(PolicyError, match="'mean'"):
+        flow_matching_loss(model, images, state, prompts, ind, actions, goal=goal, reduction="none")
+    with pytest.raises(PolicyError, match="no goal head"):
+        flow_matching_loss(Pi06Policy(preset("tiny", **SMALL)), images, state, prompts, ind, actions, goal=goal)
+
+
+def test_bpe_tokenizer_makes_each_prompt_word_one_token(tmp_path):
+    """train_bpe: a SentencePiece BPE model trained on the prompts gives every word of them one token and still
+    encodes any other text (byte fallback) into ids the model's vocabulary holds."""
+    from recap_ros.policy.tokenizer import train_bpe
+
+    prompts = [f"touch the {c} marker with the {a} gripper" for c in ("red", "green", "blue")
+               for a in ("left", "right")]
+    tok = train_bpe(prompts, tmp_path / "tokenizer.model")
+    pieces = tok.sp.encode("Task: touch the green marker with the right gripper", out_type=str)
+    assert pieces == ["▁Task", ":", "▁touch", "▁the", "▁green", "▁marker", "▁with", "▁the", "▁right", "▁gripper"]
+    ids = tok.encode("grab the purple cube ☺")
+    assert tok.sp.decode(ids) == "grab the purple cube ☺" and max(ids) < tok.vocab_size
+    enc = PromptEncoder(tok, 32, 8)  # both advantage texts fit a short segment
+    assert enc.encode(["touch it"], [False])["adv_mask"].sum() <= 4
+    with pytest.raises(PolicyError, match="at least one"):
+        train_bpe(["  "], tmp_path / "empty.model")

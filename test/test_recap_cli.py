@@ -23,6 +23,36 @@ def test_demos_file(demos):
     f = load_frames_npz(demos)
     assert f.num_episodes == 2 and f.episode_success.all() and not f.intervention.any()
     assert f.images.shape[1:] == (3, 16, 16, 3)
+    # every frame carries its task's goal: the named marker's top (for a goal head's auxiliary loss)
+    from recap_ros.sim.kinematics import Bimanual
+    from recap_ros.sim.task import sample_task
+    from recap_ros.station import load_station
+
+    st = load_station("sim")
+    first = sample_task(1_000_000, Bimanual(st.robot, st.file))
+    assert f.goal.shape == (len(f), 3)
+    assert (f.goal[f.episode_index == 0] == first.target.astype("float32")).all()
+
+
+def test_bpe_film_goal_policy_and_fine_tune(demos, tmp_path, capsys):
+    """A new model with a BPE tokenizer of the data's prompts, FiLM-conditioned keypoints and a goal head: the
+    bundle carries the tokenizer, fine-tuning keeps it (and refuses a new one)."""
+    from recap_ros.policy.bundle import open_bundle
+
+    model = dict(SMALL, vision_encoder="keypoints", vision_film=True, goal_dim=3, max_text_tokens=24,
+                 max_advantage_tokens=8)
+    assert cli.train_policy_main([str(demos), "--sft", "--model", json.dumps(model), "--tokenizer", "bpe",
+                                  "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "bpe")]) == 0
+    b = open_bundle(tmp_path / "bpe")
+    assert b.tokenizer.kind == "sentencepiece" and (tmp_path / "bpe" / "tokenizer.model").is_file()
+    assert b.config.vocab_size == b.tokenizer.vocab_size and b.config.goal_dim == 3
+    assert cli.train_policy_main([str(demos), "--init", str(tmp_path / "bpe"), "--sft", "--steps", "1",
+                                  "--device", "cpu", "--out", str(tmp_path / "bpe2")]) == 0
+    assert open_bundle(tmp_path / "bpe2").tokenizer.kind == "sentencepiece"
+    capsys.readouterr()
+    assert cli.train_policy_main([str(demos), "--init", str(tmp_path / "bpe"), "--sft", "--tokenizer", "byte",
+                                  "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "bad")]) == 2
+    assert "keeps the checkpoint's" in capsys.readouterr().err
 
 
 def test_value_label_policy_chain(demos, tmp_path, capsys):

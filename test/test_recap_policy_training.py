@@ -126,3 +126,43 @@ def test_delta_action_space_trains_on_motion_and_serves_absolute_positions(tmp_p
     assert not np.allclose(a0, a1)
     with pytest.raises(PolicyError, match="train_policy: action_space 'joint_velocities' is not one of"):
         tp.train_policy(f, None, steps=1, progress=False, device="cpu", action_space="joint_velocities")
+
+
+def test_goals_travel_with_frames_and_are_z_scored(tmp_path, monkeypatch):
+    """Frames' goal column survives concat and the .npz cache (and is dropped when a part lacks it); the goal head
+    learns z-scored goals (a constant dimension becomes 0); a head of another size is a clear error; fine-tuning
+    a bundle encodes prompts with the bundle's own tokenizer."""
+    from dataclasses import replace
+
+    from recap_ros.recap.data import load_frames_npz, save_frames
+
+    eps = [replace(frames(n_eps=1), goal=np.tile([0.1 * e, -0.2, 0.01], (12, 1)).astype(np.float32)) for e in range(3)]
+    f = concat(eps)
+    assert f.goal.shape == (36, 3) and concat([f, frames(n_eps=1)]).goal is None
+    save_frames(f, tmp_path / "f.npz")
+    np.testing.assert_array_equal(load_frames_npz(tmp_path / "f.npz").goal, f.goal)
+    with pytest.raises(ValueError, match="goal has 2 rows"):
+        replace(f, goal=f.goal[:2])
+    model = tp.Pi06Policy(tp.preset("tiny", **SMALL, goal_dim=3))
+    z = tp.goal_targets(model, f)
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-6)
+    np.testing.assert_allclose(z.std(0), [1, 0, 0], atol=1e-6)
+    assert tp.goal_targets(tp.Pi06Policy(tp.preset("tiny", **SMALL)), f) is None
+    with pytest.raises(ValueError, match="goal_dim"):
+        tp.goal_targets(tp.Pi06Policy(tp.preset("tiny", **SMALL, goal_dim=2)), f)
+    _, losses = tp.train_policy(f, tmp_path / "g", sft=True, steps=2, batch_size=4, progress=False, device="cpu",
+                                model_overrides=dict(SMALL, goal_dim=3), tokenizer="bpe")
+    assert np.isfinite(losses).all()
+    kinds = []
+    real = tp.flow_matching_loss
+
+    def spy(*a, **kw):
+        kinds.append((kw["prompt_encoder"].tok.kind, kw["goal"] is not None))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tp, "flow_matching_loss", spy)
+    tp.train_policy(f, None, init=tmp_path / "g", sft=True, steps=1, batch_size=4, progress=False, device="cpu")
+    assert kinds == [("sentencepiece", True)]
+    with pytest.raises(ValueError, match="tokenizer 'bpe' is for a new model"):
+        tp.train_policy(f, None, init=tmp_path / "g", sft=True, steps=1, progress=False, device="cpu",
+                        tokenizer="bpe")

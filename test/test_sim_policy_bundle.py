@@ -24,7 +24,7 @@ def test_sim_policy_fits_fresh_expert_demonstrations():
                      frame_stride=3, scripted=True, progress=False)
     frames = concat([e.frames for e in demos.episodes])
     loss_of = _PolicyLoss(model, frames, training_indicators(frames, sft=True), bundle.norm_stats, drop_prob=0.0,
-                          action_space=bundle.action_space)
+                          action_space=bundle.action_space, goal_weight=0.0, tokenizer=bundle.tokenizer)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     with torch.no_grad():

@@ -33,6 +33,9 @@ class PolicyConfig:
     vision_heads: int = 2
     vision_mlp: int = 128
     vision_tokens: int = 16
+    # "keypoints" only: FiLM (RT-1) of the stem and every conv block by the prompt's mean token embedding, so the
+    # heatmaps can pick out what the prompt names (e.g. "the red marker") instead of every salient thing.
+    vision_film: bool = False
     # backbone (Gemma-class decoder: RMSNorm, GQA with RoPE, GeGLU MLP)
     vocab_size: int = 259
     width: int = 128
@@ -57,6 +60,9 @@ class PolicyConfig:
     normalization: str = "quantile"
     image_resize: str = "resize"
     rope_theta: float = 10000.0
+    # training only: an auxiliary head predicting the task's goal (goal_dim numbers, e.g. the sim target's position)
+    # from the prefix's hidden states; a dense supervised signal for vision + language. Not exported (0: none).
+    goal_dim: int = 0
     extra: dict = field(default_factory=dict, compare=False)
 
     # ----------------------------------------------------------------------------------------- derived
@@ -95,6 +101,10 @@ class PolicyConfig:
                 raise bad("vision_tokens", f"must be a square whose side divides the patch grid {grid}")
             if self.vision_width % self.vision_heads:
                 raise bad("vision_width", f"not a multiple of vision_heads {self.vision_heads}")
+        if not isinstance(self.vision_film, bool) or (self.vision_film and self.vision_encoder != "keypoints"):
+            raise bad("vision_film", "must be true or false, and true only with vision_encoder keypoints")
+        if isinstance(self.goal_dim, bool) or not isinstance(self.goal_dim, int) or self.goal_dim < 0:
+            raise bad("goal_dim", "must be a non-negative integer")
         if self.heads % self.kv_heads:
             raise bad("heads", f"not a multiple of kv_heads {self.kv_heads}")
         if self.head_dim % 2:

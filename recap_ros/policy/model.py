@@ -4,6 +4,8 @@ Anchor: openpi ``pi0_pytorch.py`` (PaliGemma + Gemma action expert). Structure:
 
 * :class:`VisionEncoder` — SigLIP-class ViT per view; its patch grid is average-pooled to ``vision_tokens``
   tokens (π0.6: 448 px / 14 = 32² patches -> 16² = 256 tokens) and projected to the backbone width.
+* :class:`KeypointEncoder` — the small-data alternative (conv net + spatial-softmax keypoints), optionally
+  FiLM-conditioned on the prompt (``vision_film``, RT-1).
 * :class:`PrefixEncoder` — Gemma-class decoder (RMSNorm, GQA + RoPE, GeGLU) over
   ``[image tokens | prompt | state token? | advantage segment]``. Prefix tokens attend bidirectionally among
   themselves (prefix-LM as in π0); the advantage segment attends to the prefix and itself, and the prefix NEVER
@@ -13,7 +15,8 @@ Anchor: openpi ``pi0_pytorch.py`` (PaliGemma + Gemma action expert). Structure:
 * :class:`ActionExpert` — a smaller transformer of the SAME depth and attention geometry; layer l of the expert
   attends to [prefix KV of backbone layer l | its own suffix tokens]. Flow-time conditioning: ``adarms``
   (π0.5: a time MLP modulates every RMSNorm with scale/shift/gate) or ``concat`` (π0: action + time MLP).
-* :class:`Pi06Policy` — both, plus :meth:`Pi06Policy.denoise` (Euler from t = 1 (noise) to t = 0, classifier-free
+* :class:`Pi06Policy` — both (+ a training-only goal head, ``goal_dim``: :meth:`Pi06Policy.predict_goal`), plus
+  :meth:`Pi06Policy.denoise` (Euler from t = 1 (noise) to t = 0, classifier-free
   guidance v = v_u + β (v_c − v_u) with both branches as ONE batch sharing the prefix KV and the initial noise).
 
 Flow matching convention (openpi): x_t = t·noise + (1 − t)·actions, target u = noise − actions, Euler
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recap_ros.policy.config import PolicyConfig
+from recap_ros.policy.errors import PolicyError
 
 NEG = -3.0e4  # additive mask value, finite in fp16; every query row keeps at least itself (no empty softmax)
 
@@ -251,16 +255,29 @@ class KeypointEncoder(nn.Module):
         self.register_buffer("grid", grid, persistent=False)  # (pixels, 2): x, y of each heatmap pixel
         self.fc1, self.fc2 = nn.Linear(3, out_dim), nn.Linear(out_dim, out_dim)
         self.embed = nn.Parameter(torch.randn(self.views, k, out_dim))
+        self.film = None
+        if cfg.vision_film:  # zero-initialised: a fresh model starts as the unconditioned encoder
+            self.film = nn.ModuleList(nn.Linear(cfg.width, 2 * c) for _ in range(cfg.vision_depth + 1))
+            for lin in self.film:
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
 
-    def keypoints(self, img):
-        """(N, 3, H, W) -> (N, vision_tokens, 3): x, y, peakedness of each heatmap."""
-        x = F.gelu(self.stem(img))
-        for blk in self.blocks:
-            x = x + F.gelu(blk(x))
+    def _film(self, x, i: int, cond):
+        if self.film is None:
+            return x
+        scale, shift = self.film[i](cond).chunk(2, dim=-1)
+        return x * (1.0 + scale[..., None, None]) + shift[..., None, None]
+
+    def keypoints(self, img, cond=None):
+        """(N, 3, H, W) -> (N, vision_tokens, 3): x, y, peakedness of each heatmap. ``cond`` (N, width): the
+        FiLM conditioning (with ``vision_film``)."""
+        x = self._film(F.gelu(self.stem(img)), 0, cond)
+        for i, blk in enumerate(self.blocks):
+            x = self._film(x + F.gelu(blk(x)), i + 1, cond)
         return spatial_keypoints(self.heat(x).flatten(2), self.grid, torch.exp(self.log_temp))
 
-    def forward(self, img):
-        tok = self.fc2(F.gelu(self.fc1(self.keypoints(img))))
+    def forward(self, img, cond=None):
+        tok = self.fc2(F.gelu(self.fc1(self.keypoints(img, cond))))
         n = tok.shape[0] // self.views
         return (tok.reshape(n, self.views, self.k, -1) + self.embed).reshape(n * self.views, self.k, -1)
 
@@ -308,9 +325,17 @@ class PrefixEncoder(nn.Module):
         """
         cfg = self.cfg
         b, n = images.shape[:2]
-        img = self.vision(images.reshape(b * n, *images.shape[2:])).reshape(b, n * cfg.vision_tokens, cfg.width)
         scale = math.sqrt(cfg.width)
-        parts = [img, self.embed(tokens) * scale]
+        text = self.embed(tokens) * scale
+        flat = images.reshape(b * n, *images.shape[2:])
+        if cfg.vision_film:  # every view is conditioned on the prompt's mean token embedding
+            m = token_mask.float()[..., None]
+            cond = (text * m).sum(1) / m.sum(1).clamp(min=1.0)
+            img = self.vision(flat, cond.repeat_interleave(n, 0))
+        else:
+            img = self.vision(flat)
+        img = img.reshape(b, n * cfg.vision_tokens, cfg.width)
+        parts = [img, text]
         valid = [torch.ones(b, img.shape[1], dtype=torch.bool, device=img.device), token_mask]
         if self.state_proj is not None:
             parts.append(self.state_proj(state)[:, None])
@@ -404,6 +429,17 @@ class Pi06Policy(nn.Module):
         self.config = cfg.validate()
         self.prefix = PrefixEncoder(cfg)
         self.expert = ActionExpert(cfg)
+        self.goal_head = (nn.Sequential(nn.Linear(cfg.width, cfg.width), nn.GELU(), nn.Linear(cfg.width, cfg.goal_dim))
+                          if cfg.goal_dim else None)
+
+    def predict_goal(self, hidden, kv_mask):
+        """The auxiliary goal head (training only): mean of the prefix's final hidden states over its valid tokens
+        (the advantage segment excluded, so the goal never depends on the indicator) -> (B, goal_dim)."""
+        if self.goal_head is None:
+            raise PolicyError("this model has no goal head (model config goal_dim = 0)")
+        n_adv = self.config.max_advantage_tokens
+        m = kv_mask[:, :-n_adv].to(hidden.dtype)[..., None]
+        return self.goal_head((hidden[:, :-n_adv] * m).sum(1) / m.sum(1).clamp(min=1.0))
 
     def encode_prefix(self, images, tokens, token_mask, adv_tokens, adv_mask, state=None):
         """images (B, N, H, W, 3) uint8 (or float [0, 1]) -> keys, values, kv_mask (the shared prefix KV cache)."""

@@ -6,7 +6,7 @@ How to train
 
     import dataclasses, torch
     from recap_ros.policy.config import preset
-    from recap_ros.policy.model import Pi06Policy
+    from recap_ros.policy.model import Pi06Policy, images_to_float
     from recap_ros.policy.normalize import compute_norm_stats
     from recap_ros.policy.training import (flow_matching_loss, prepare_images, drop_indicators,
                                            prompt_encoder_for)
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from recap_ros import imaging
 from recap_ros.policy.config import PolicyConfig
 from recap_ros.policy.errors import PolicyError
-from recap_ros.policy.model import Pi06Policy
+from recap_ros.policy.model import Pi06Policy, images_to_float
 from recap_ros.policy.tokenizer import ByteTokenizer, PromptEncoder
 
 
@@ -87,13 +87,15 @@ def _tensor(x, dtype, device) -> torch.Tensor:
 
 def flow_matching_loss(model: Pi06Policy, images, state, prompts: Sequence[str], indicators: Sequence[bool | None],
                        actions, *, prompt_encoder: PromptEncoder | None = None, noise=None, time=None,
-                       knowledge_insulation: bool = False, reduction: str = "mean") -> torch.Tensor:
+                       knowledge_insulation: bool = False, reduction: str = "mean", goal=None,
+                       goal_weight: float = 1.0) -> torch.Tensor:
     """Flow-matching loss ||v(x_t, t) − (noise − actions)||² with x_t = t·noise + (1 − t)·actions.
 
     images (B, n_cams, S, S, 3) uint8 (or float in [0, 1]); state (B, state_dim) and actions
     (B, chunk_len, action_dim) normalised; prompts / indicators length B. ``knowledge_insulation`` stops the
     action expert's gradient into the backbone (π0.5 KI; then train the backbone with its own objective).
-    ``reduction``: 'mean' (scalar) or 'none' (B, chunk_len, action_dim)."""
+    ``reduction``: 'mean' (scalar) or 'none' (B, chunk_len, action_dim). ``goal`` (B, goal_dim), normalised: adds
+    ``goal_weight`` · MSE of the model's auxiliary goal head (:meth:`Pi06Policy.predict_goal`; 'mean' only)."""
     c = model.config
     device = next(model.parameters()).device
     images = images.to(device) if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images)).to(device)
@@ -114,9 +116,16 @@ def flow_matching_loss(model: Pi06Policy, images, state, prompts: Sequence[str],
     time = sample_time(b, device) if time is None else _tensor(time, torch.float32, device)
     t = time[:, None, None]
     x_t = t * noise + (1.0 - t) * actions
-    keys, values, kv_mask = model.encode_prefix(images, tok["tokens"], tok["token_mask"], tok["adv_tokens"],
-                                                tok["adv_mask"], state if c.state_input == "prefix" else None)
+    if goal is not None and reduction != "mean":
+        raise PolicyError("the goal loss is only added to a 'mean' flow-matching loss")
+    keys, values, kv_mask, hidden = model.prefix(images_to_float(images), tok["tokens"], tok["token_mask"],
+                                                 tok["adv_tokens"], tok["adv_mask"],
+                                                 state if c.state_input == "prefix" else None)
     if knowledge_insulation:
         keys, values = keys.detach(), values.detach()
     v = model.velocity(keys, values, kv_mask, state if c.state_input == "suffix" else None, x_t, time)
-    return F.mse_loss(v, noise - actions, reduction=reduction)
+    loss = F.mse_loss(v, noise - actions, reduction=reduction)
+    if goal is not None:
+        goal = _tensor(goal, torch.float32, device)
+        loss = loss + goal_weight * F.mse_loss(model.predict_goal(hidden, kv_mask), goal)
+    return loss

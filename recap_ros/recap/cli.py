@@ -157,6 +157,11 @@ def train_policy_main(argv=None) -> int:
     mode.add_argument("--labels", help="labels file from recap-label")
     mode.add_argument("--sft", action="store_true", help="supervised fine-tuning: I_t = positive for all")
     p.add_argument("--drop", type=float, default=0.3, help="probability of dropping the indicator")
+    p.add_argument("--tokenizer", choices=("byte", "bpe"), default=None,
+                   help="a new model's tokenizer: byte (default) or bpe (SentencePiece BPE trained on the data's "
+                        "prompts, stored in the bundle); with --init the checkpoint's")
+    p.add_argument("--goal-weight", type=float, default=1.0,
+                   help="weight of the goal head's loss (models with goal_dim, frames with goals)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -177,6 +182,7 @@ def train_policy_main(argv=None) -> int:
         _, losses = train_policy(frames, a.out, init=a.init, preset_name=a.preset, sft=a.sft, drop_prob=a.drop,
                                  steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
                                  model_overrides=overrides, action_space=a.action_space,
+                                 tokenizer=a.tokenizer, goal_weight=a.goal_weight,
                                  description=f"recap-train-policy {'SFT' if a.sft else 'advantage-conditioned'} "
                                              f"on {a.data} ({len(frames)} frames)")
     except (ValueError, OSError, RuntimeError, PolicyError) as e:

@@ -36,14 +36,17 @@ class Frames:
     episode_success: np.ndarray   # (N,) bool
     max_len: int                  # the task's maximum episode length (steps) the returns were normalised by
     indicator: np.ndarray | None = field(default=None)  # (N,) bool, set by labelling
+    goal: np.ndarray | None = field(default=None)  # (N, G) float32: the task's goal where known (sim: target xyz)
 
     def __post_init__(self):
         n = len(self.state)
         for name in FIELDS[1:]:
             if len(getattr(self, name)) != n:
                 raise ValueError(f"Frames.{name} has {len(getattr(self, name))} rows, state has {n}")
-        if self.indicator is not None and len(self.indicator) != n:
-            raise ValueError(f"Frames.indicator has {len(self.indicator)} rows, state has {n}")
+        for name in ("indicator", "goal"):
+            col = getattr(self, name)
+            if col is not None and len(col) != n:
+                raise ValueError(f"Frames.{name} has {len(col)} rows, state has {n}")
         if n and (self.task_index.min() < 0 or self.task_index.max() >= len(self.prompts)):
             raise ValueError(f"task_index out of range for {len(self.prompts)} prompts")
 
@@ -69,6 +72,7 @@ def concat(parts: list[Frames]) -> Frames:
         prompts += [x for x in p.prompts if x not in prompts]
     kw: dict[str, list] = {k: [] for k in FIELDS}
     ind = [] if all(p.indicator is not None for p in parts) else None
+    goal = [p.goal for p in parts] if all(p.goal is not None for p in parts) else None
     offset = 0
     for p in parts:
         for k, col in kw.items():
@@ -81,6 +85,7 @@ def concat(parts: list[Frames]) -> Frames:
             ind.append(p.indicator)
     return Frames(prompts=prompts, max_len=parts[0].max_len,
                   indicator=None if ind is None else np.concatenate(ind),
+                  goal=None if goal is None else np.concatenate(goal),
                   **{k: np.concatenate(v) for k, v in kw.items()})
 
 
@@ -100,10 +105,11 @@ def kept_ticks(num_steps: int, stride: int) -> np.ndarray:
 
 def episode_frames(images: np.ndarray, ticks: np.ndarray, state: np.ndarray, action: np.ndarray,
                    intervention: np.ndarray, prompt: str, success: bool, max_len: int, c_fail: float,
-                   chunk_len: int, episode: int = 0, num_bins: int = rt.NUM_BINS) -> Frames:
+                   chunk_len: int, episode: int = 0, num_bins: int = rt.NUM_BINS, goal=None) -> Frames:
     """One episode's training frames with RECAP labels from :func:`recap_ros.recap.returns.episode_labels`.
 
-    state / action / intervention are per control tick (T rows); images (len(ticks) rows) belong to ``ticks``.
+    state / action / intervention are per control tick (T rows); images (len(ticks) rows) belong to ``ticks``;
+    ``goal``: the episode's goal vector (e.g. the sim target's position), repeated on every frame.
     """
     T = len(state)
     ticks = np.asarray(ticks, np.int64)
@@ -119,7 +125,8 @@ def episode_frames(images: np.ndarray, ticks: np.ndarray, state: np.ndarray, act
                   frame_index=ticks, task_index=np.zeros(n, np.int64), prompts=[prompt],
                   ret=lab["return"][ticks], return_normalized=lab["return_normalized"][ticks],
                   return_bin=lab["return_bin"][ticks], episode_success=np.full(n, bool(success)),
-                  max_len=int(max_len))
+                  max_len=int(max_len),
+                  goal=None if goal is None else np.tile(np.asarray(goal, np.float32).ravel(), (n, 1)))
 
 
 def resize_views(views, size: int) -> np.ndarray:
@@ -130,8 +137,9 @@ def resize_views(views, size: int) -> np.ndarray:
 def save_frames(frames: Frames, path) -> None:
     """Frames as one compressed .npz (a training cache of roll-outs; datasets proper are LeRobot exports)."""
     arrays = {name: getattr(frames, name) for name in FIELDS}
-    if frames.indicator is not None:
-        arrays["indicator"] = frames.indicator
+    for name in ("indicator", "goal"):
+        if getattr(frames, name) is not None:
+            arrays[name] = getattr(frames, name)
     np.savez(path, prompts=np.array(frames.prompts), max_len=np.array(frames.max_len), **arrays)
 
 
@@ -142,4 +150,5 @@ def load_frames_npz(path) -> Frames:
             raise ValueError(f"{path}: not a frames file (missing {missing})")
         return Frames(prompts=[str(p) for p in z["prompts"]], max_len=int(z["max_len"]),
                       indicator=z["indicator"] if "indicator" in z.files else None,
+                      goal=z["goal"] if "goal" in z.files else None,
                       **{k: z[k] for k in FIELDS})

@@ -157,7 +157,7 @@ class Roller:
                 view_ticks.append(int(keep[-1]))
             ep.frames = episode_frames(np.stack(views), keep, np.stack(states), np.stack(actions),
                                        np.asarray(flags), task.prompt, ep.success, self.max_len, self.c_fail,
-                                       self.chunk_len, episode=episode)
+                                       self.chunk_len, episode=episode, goal=task.target)
         return ep
 
 

@@ -12,6 +12,7 @@ The flow-matching loss, indicator dropout, prompt assembly and image preparation
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from recap_ros.policy.bundle import ACTION_SPACE, check_action_space, open_bundl
 from recap_ros.policy.config import preset
 from recap_ros.policy.model import Pi06Policy
 from recap_ros.policy.normalize import Stats, compute_norm_stats
+from recap_ros.policy.tokenizer import train_bpe
 from recap_ros.policy.training import (
     drop_indicators,
     flow_matching_loss,
@@ -31,6 +33,7 @@ from recap_ros.recap import trainer
 from recap_ros.recap.data import Frames
 
 DROP_PROB = 0.3
+TOKENIZERS = ("byte", "bpe")
 
 
 def training_indicators(frames: Frames, sft: bool) -> np.ndarray:
@@ -55,18 +58,34 @@ def action_targets(frames: Frames, action_space: str) -> np.ndarray:
     return (frames.action_chunk - frames.state[:, None, :]).astype(np.float32)
 
 
+def goal_targets(model: Pi06Policy, frames: Frames) -> np.ndarray | None:
+    """The frames' goals z-scored per dimension (a constant one becomes 0) for the model's auxiliary goal head; None
+    when the model has no head or the frames carry no goals (e.g. an exported robot dataset: flow loss only)."""
+    if not model.config.goal_dim or frames.goal is None:
+        return None
+    goal = np.asarray(frames.goal, np.float64)
+    if goal.ndim != 2 or goal.shape[1] != model.config.goal_dim:
+        raise ValueError(f"frames have goals of shape {goal.shape[1:]}, the model's goal head predicts "
+                         f"({model.config.goal_dim},) (model config goal_dim)")
+    std = goal.std(0)
+    return ((goal - goal.mean(0)) / np.where(std > 1e-9, std, 1.0)).astype(np.float32)
+
+
 class _PolicyLoss(nn.Module):
-    """forward(indices) -> flow-matching loss of those frames with dropped-out advantage indicators."""
+    """forward(indices) -> flow-matching loss of those frames with dropped-out advantage indicators (+ the goal
+    head's loss when the model has one and the frames carry goals)."""
 
     def __init__(self, model: Pi06Policy, frames: Frames, indicators: np.ndarray, stats: dict[str, Stats],
-                 drop_prob: float, action_space: str = ACTION_SPACE):
+                 drop_prob: float, action_space: str = ACTION_SPACE, goal_weight: float = 1.0, tokenizer=None):
         super().__init__()
         self.model, self.frames, self.ind, self.drop = model, frames, indicators, drop_prob
         c = model.config
-        self.enc = prompt_encoder_for(model)
+        self.enc = prompt_encoder_for(model, tokenizer)
         self.state = torch.from_numpy(normalized(stats["state"], frames.state, c.normalization))
         self.chunk = torch.from_numpy(normalized(stats["actions"], action_targets(frames, action_space),
                                                  c.normalization))
+        goal = goal_targets(model, frames)
+        self.goal, self.goal_weight = (None if goal is None else torch.from_numpy(goal)), goal_weight
 
     def forward(self, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         f = self.frames
@@ -74,7 +93,8 @@ class _PolicyLoss(nn.Module):
         prompts = [f.prompts[k] for k in f.task_index[idx]]
         ti = torch.from_numpy(idx)
         return flow_matching_loss(self.model, torch.from_numpy(f.images[idx]), self.state[ti], prompts, ind,
-                                  self.chunk[ti], prompt_encoder=self.enc)
+                                  self.chunk[ti], prompt_encoder=self.enc,
+                                  goal=None if self.goal is None else self.goal[ti], goal_weight=self.goal_weight)
 
 
 def check_frames(model: Pi06Policy, frames: Frames) -> None:
@@ -91,13 +111,20 @@ def train_policy(frames: Frames, out: str | Path | None, init: str | Path | None
                  sft: bool = False, drop_prob: float = DROP_PROB, steps: int = 1000, batch_size: int = 32,
                  lr: float = 3e-4, seed: int = 0, device: str | None = None, progress: bool = True,
                  joint_names: list[str] | None = None, description: str = "",
-                 model_overrides: dict | None = None, action_space: str = ACTION_SPACE
-                 ) -> tuple[Pi06Policy, list[float]]:
-    """Fine-tune the bundle ``init`` (weights, norm stats and action space kept) or train ``preset_name`` from
-    scratch (norm stats from ``frames``, outputs in ``action_space``); writes a bundle to ``out`` on rank 0."""
+                 model_overrides: dict | None = None, action_space: str = ACTION_SPACE, tokenizer: str | None = None,
+                 goal_weight: float = 1.0) -> tuple[Pi06Policy, list[float]]:
+    """Fine-tune the bundle ``init`` (weights, norm stats, tokenizer and action space kept) or train
+    ``preset_name`` from scratch (norm stats from ``frames``, outputs in ``action_space``, prompts tokenised by
+    ``tokenizer``: "byte" (default), or "bpe" = :func:`~recap_ros.policy.tokenizer.train_bpe` on the frames' prompts);
+    writes a bundle to ``out`` on rank 0. A model with a goal head (``goal_dim``) also learns to predict the frames'
+    goals, weighted by ``goal_weight``."""
     if not 0.0 <= drop_prob < 1.0:
         raise ValueError(f"indicator drop probability must be in [0, 1) (got {drop_prob})")
     check_action_space(action_space, "train_policy")  # before any training time is spent
+    if tokenizer is not None and tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZERS)} (got {tokenizer!r})")
+    if tokenizer is not None and init is not None:
+        raise ValueError(f"tokenizer {tokenizer!r} is for a new model; fine-tuning keeps the checkpoint's ({init})")
     dist = trainer.setup(device)
     torch.manual_seed(seed)
     if init is not None:
@@ -106,13 +133,18 @@ def train_policy(frames: Frames, out: str | Path | None, init: str | Path | None
         joint_names = joint_names or bundle.meta.get("joint_names")
         action_space = bundle.action_space
     else:
-        model = Pi06Policy(preset(preset_name, **(model_overrides or {})))
+        overrides = dict(model_overrides or {})
+        tmp = tempfile.TemporaryDirectory()  # the BPE model lives here until save_bundle copies it into the bundle
+        tokenizer = train_bpe(frames.prompts, Path(tmp.name) / "tokenizer.model") if tokenizer == "bpe" else None
+        if tokenizer is not None:
+            overrides.setdefault("vocab_size", tokenizer.vocab_size)
+        model = Pi06Policy(preset(preset_name, **overrides))
         stats = compute_norm_stats(frames.state, action_targets(frames, action_space))
-        tokenizer = None
     check_frames(model, frames)
     indicators = training_indicators(frames, sft)
-    losses = trainer.fit(_PolicyLoss(model, frames, indicators, stats, drop_prob, action_space), len(frames), steps,
-                         batch_size, lr, dist, seed=seed, desc="policy" + (" (SFT)" if sft else ""),
+    loss = _PolicyLoss(model, frames, indicators, stats, drop_prob, action_space, goal_weight, tokenizer)
+    losses = trainer.fit(loss, len(frames), steps, batch_size, lr, dist, seed=seed,
+                         desc="policy" + (" (SFT)" if sft else "") + (" + goal" if loss.goal is not None else ""),
                          progress=progress)
     model.eval()
     if out is not None and dist.main:
