@@ -1,15 +1,17 @@
 """One RECAP iteration on the sim station, measured: SFT policy -> collect with the scripted corrector -> train V ->
 label -> retrain the policy from the SAME SFT checkpoint with advantage conditioning -> evaluate before/after.
 
-    .venv/bin/python bench/recap_iteration.py [--sft sim_policy] [--demos demos.npz] [--collect 150]
+    .venv/bin/python bench/recap_iteration.py [--sft sim_policy] [--demos 1000 | demos.npz] [--collect 150]
                                               [--autonomous 50] [--eval 100] [--control] [--quick]
 
 Collection and evaluation are ROS-free roll-outs at simulation speed (recap_ros.recap.rollout: the station's
 chunk executor and teleop mux, the sim's corrector taking over when the policy stalls or is about to break a
 keep-out rule). ``--collect`` episodes run with the corrector, ``--autonomous`` more without it (their failures
 teach V what failing looks like). Collected episodes are written as a frames cache (.npz), then go through the
-same code paths as `recap-train-value`, `recap-label` and `recap-train-policy`. Evaluation is autonomous (no
-corrector) on the same held-out seeds before and after, with "Advantage: positive" (beta = 1) and optionally CFG
+same code paths as `recap-train-value`, `recap-label` and `recap-train-policy`. As in π0.6*, the retraining data
+also holds demonstrations (``--demos``: a frames file, or a number of scripted demos recorded here from the SFT
+data's seed range; 0 = roll-outs only, which makes both runs forget: measured 92 -> 79 / 85 of 100). Evaluation
+is autonomous (no corrector) on the same held-out seeds before and after, with "Advantage: positive" (beta = 1) and optionally CFG
 (--beta). ``--control`` also trains, in a second process, the same SFT checkpoint on the same data for the same
 steps WITHOUT advantage labels (all positive, as SFT): it separates what the advantage conditioning adds from
 what more data and more training steps add.
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sim_policy_eval import HELD_OUT_SEED, evaluate, report, wilson
 
 COLLECT_SEED = 2_000_000
+DEMO_SEED = 1_005_000  # inside the bundled sim_policy's demonstration seeds (1,000,000-1,005,999)
 
 
 def _train_control(data_path: str, image_size: int, out: str, init: str, steps: int, lr: float, threads: int):
@@ -48,7 +51,8 @@ def _train_control(data_path: str, image_size: int, out: str, init: str, steps: 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sft", default="sim_policy", help="the SFT policy bundle = the checkpoint both runs start from")
-    p.add_argument("--demos", default=None, help="demonstration frames (.npz) added to the training data")
+    p.add_argument("--demos", default="1000", help="demonstrations added to the training data: a frames file "
+                   "(.npz) or a number of scripted demos to record (seeds from DEMO_SEED; 0: none)")
     p.add_argument("--collect", type=int, default=150, help="episodes collected with the corrector")
     p.add_argument("--autonomous", type=int, default=50, help="episodes collected without the corrector")
     p.add_argument("--control", action="store_true", help="also train and evaluate the same-data SFT control")
@@ -79,6 +83,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     if a.quick:
         a.collect, a.autonomous, a.eval, a.value_steps, a.policy_steps = 10, 4, 10, 50, 50
+        a.demos = a.demos if not a.demos.isdigit() else str(min(int(a.demos), 5))
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -106,7 +111,14 @@ def main(argv=None) -> int:
         episodes += auto.episodes
     rollout_frames = concat([e.frames for e in episodes])
     data_path = work / "iteration_data.npz"
-    parts = [rollout_frames] + ([load_frames_npz(a.demos)] if a.demos else [])
+    if a.demos.isdigit():
+        n = int(a.demos)
+        demos = [] if n == 0 else [concat([e.frames for e in rollouts(
+            Roller(station, policy.info.image_size), range(DEMO_SEED, DEMO_SEED + n), record=True,
+            frame_stride=6, scripted=True, desc="demos").episodes if e.success])]  # stride of the SFT demos
+    else:
+        demos = [load_frames_npz(a.demos)]
+    parts = [rollout_frames] + demos
     save_frames(concat(parts), data_path)
 
     # 3. V on all data (as recap-train-value does)
