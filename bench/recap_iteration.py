@@ -13,8 +13,8 @@ also holds demonstrations (``--demos``: a frames file, or a number of scripted d
 data's seed range; 0 = roll-outs only, which makes both runs forget: measured 92 -> 79 / 85 of 100). Evaluation
 is autonomous (no corrector) on the same held-out seeds before and after, with "Advantage: positive" (beta = 1)
 and optionally CFG (--beta). ``--control`` also trains, in a second process, the same SFT checkpoint on the same
-data for the same steps WITHOUT advantage labels (all positive, as SFT): it separates what the advantage conditioning adds from
-what more data and more training steps add.
+data for the same steps WITHOUT advantage labels (all positive, as SFT): it separates what the advantage
+conditioning adds from what more data and more training steps add.
 Prints success rate and throughput (successes per hour of simulated station time) before and after.
 """
 from __future__ import annotations
