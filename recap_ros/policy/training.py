@@ -6,7 +6,7 @@ How to train
 
     import dataclasses, torch
     from recap_ros.policy.config import preset
-    from recap_ros.policy.model import Pi06Policy, images_to_float
+    from recap_ros.policy.model import Pi06Policy
     from recap_ros.policy.normalize import compute_norm_stats
     from recap_ros.policy.training import (flow_matching_loss, prepare_images, drop_indicators,
                                            prompt_encoder_for)

@@ -71,7 +71,7 @@ def concat(parts: list[Frames]) -> Frames:
     for p in parts:
         prompts += [x for x in p.prompts if x not in prompts]
     kw: dict[str, list] = {k: [] for k in FIELDS}
-    ind = [] if all(p.indicator is not None for p in parts) else None
+    ind = [p.indicator for p in parts] if all(p.indicator is not None for p in parts) else None
     goal = [p.goal for p in parts] if all(p.goal is not None for p in parts) else None
     offset = 0
     for p in parts:
@@ -81,8 +81,6 @@ def concat(parts: list[Frames]) -> Frames:
         kw["episode_index"][-1] = ep + offset
         offset += int(ep.max()) + 1 if len(ep) else 0
         kw["task_index"][-1] = np.array([prompts.index(p.prompts[i]) for i in p.task_index], np.int64)
-        if ind is not None:
-            ind.append(p.indicator)
     return Frames(prompts=prompts, max_len=parts[0].max_len,
                   indicator=None if ind is None else np.concatenate(ind),
                   goal=None if goal is None else np.concatenate(goal),
