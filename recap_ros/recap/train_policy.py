@@ -134,10 +134,12 @@ def train_policy(frames: Frames, out: str | Path | None, init: str | Path | None
         action_space = bundle.action_space
     else:
         overrides = dict(model_overrides or {})
-        tmp = tempfile.TemporaryDirectory()  # the BPE model lives here until save_bundle copies it into the bundle
-        tokenizer = train_bpe(frames.prompts, Path(tmp.name) / "tokenizer.model") if tokenizer == "bpe" else None
-        if tokenizer is not None:
+        if tokenizer == "bpe":
+            tmp = tempfile.TemporaryDirectory()  # holds the BPE model until save_bundle copies it into the bundle
+            tokenizer = train_bpe(frames.prompts, Path(tmp.name) / "tokenizer.model")
             overrides.setdefault("vocab_size", tokenizer.vocab_size)
+        else:
+            tokenizer = None  # byte-level
         model = Pi06Policy(preset(preset_name, **overrides))
         stats = compute_norm_stats(frames.state, action_targets(frames, action_space))
     check_frames(model, frames)
