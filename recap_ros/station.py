@@ -8,6 +8,7 @@ ROS-free: only PyYAML and the standard library.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -243,12 +244,20 @@ _REQUIRED = object()
 
 
 class _Reader:
-    """Typed access to a nested YAML mapping; every failure raises StationConfigError with file and key."""
+    """Typed access to a nested YAML mapping; every failure raises StationConfigError with file and key.
 
-    def __init__(self, file: str, data: Any, prefix: str = ""):
+    Each reader records the keys it was asked for; :meth:`refuse_unknown` (once the whole file is parsed) refuses
+    any key of any mapping read through it or its children that the parser never asked for, naming the closest
+    valid key. So the schema is whatever the parser reads: a key added there is accepted without a key list.
+    """
+
+    def __init__(self, file: str, data: Any, prefix: str = "", _readers: list | None = None):
         self.file, self.data, self.prefix = file, data, prefix
         if not isinstance(data, dict):
             raise StationConfigError(file, prefix or "<root>", data, "expected a mapping")
+        self.read: set[str] = set()
+        self._readers = [] if _readers is None else _readers
+        self._readers.append(self)
 
     def _key(self, k: str) -> str:
         return f"{self.prefix}.{k}" if self.prefix else k
@@ -257,14 +266,37 @@ class _Reader:
         return StationConfigError(self.file, self._key(k), value, why)
 
     def _get(self, k: str, default: Any):
+        self.read.add(k)
         if k in self.data:
             return self.data[k]
         if default is _REQUIRED:
-            raise self.fail(k, None, "missing required key")
+            unread = [str(u) for u in self.data if u not in self.read]
+            close = difflib.get_close_matches(k, unread, n=1)
+            raise self.fail(k, None, "missing required key" + (f" (is '{close[0]}' a misspelling of it?)"
+                                                              if close else ""))
         return default
 
+    def get(self, k: str, default: Any = None) -> Any:
+        """The raw value of optional key ``k`` (``default`` when absent), for values with their own checks."""
+        return self._get(k, default)
+
+    def child(self, data: Any, prefix: str) -> "_Reader":
+        """A reader for a nested mapping (e.g. a list item) whose keys :meth:`refuse_unknown` checks too."""
+        return _Reader(self.file, data, prefix, self._readers)
+
+    def refuse_unknown(self) -> None:
+        """Raise StationConfigError for the first key, in this reader or any child, that was never read."""
+        for r in self._readers:
+            for k in r.data:
+                if k in r.read:
+                    continue
+                valid = sorted(r.read)
+                close = difflib.get_close_matches(str(k), valid, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+                raise r.fail(str(k), r.data[k], f"unknown key; {hint}")
+
     def sub(self, k: str, default: Any = None) -> "_Reader":
-        return _Reader(self.file, self._get(k, _REQUIRED if default is None else default), self._key(k))
+        return self.child(self._get(k, _REQUIRED if default is None else default), self._key(k))
 
     def str(self, k: str, default: Any = None, choices: tuple[str, ...] | None = None,
             pattern: re.Pattern | None = None) -> str:
@@ -315,7 +347,7 @@ def _joints(r: _Reader) -> tuple[Joint, ...]:
                      "(two 6-DoF arms + two grippers)")
     joints, names = [], set()
     for i, item in enumerate(items):
-        jr = _Reader(r.file, item, f"{r._key('joints')}[{i}]")
+        jr = r.child(item, f"{r._key('joints')}[{i}]")
         name = jr.str("name", pattern=_NAME_RE)
         if name in names:
             raise jr.fail("name", name, "duplicate joint name")
@@ -329,7 +361,7 @@ def _joints(r: _Reader) -> tuple[Joint, ...]:
 
 def _camera(r: _Reader, is_sim: bool) -> Camera:
     name = r.str("name", pattern=_NAME_RE)
-    source = r.data.get("source", "sim")
+    source = r.get("source", "sim")
     if isinstance(source, int) and not isinstance(source, bool):
         source = str(source)
     if not isinstance(source, str):
@@ -389,7 +421,7 @@ def _policy(r: _Reader) -> Policy:
 def _mux(r: _Reader, policy_topic: str) -> Mux:
     inputs, names, topics = [], set(), set()
     for i, item in enumerate(r.list("inputs")):
-        ir = _Reader(r.file, item, f"{r._key('inputs')}[{i}]")
+        ir = r.child(item, f"{r._key('inputs')}[{i}]")
         name = ir.str("name", pattern=_NAME_RE)
         if name in names or name == "hold":
             raise ir.fail("name", name, "duplicate or reserved input name")
@@ -409,7 +441,7 @@ def _mux(r: _Reader, policy_topic: str) -> Mux:
         raise r.fail("inputs", policy_topic, "the 'policy' input must listen on policy.command_topic")
     locks = []
     for i, item in enumerate(r.list("locks", [])):
-        lr = _Reader(r.file, item, f"{r._key('locks')}[{i}]")
+        lr = r.child(item, f"{r._key('locks')}[{i}]")
         locks.append(MuxLock(lr.str("name", pattern=_NAME_RE), lr.topic("topic"),
                              lr.num("priority", 255, lo=0, hi=255, integer=True), lr.bool("latching", False),
                              lr.num("heartbeat_timeout_s", lo=0.0, lo_open=True, allow_none=True)))
@@ -427,7 +459,7 @@ def _mux(r: _Reader, policy_topic: str) -> Mux:
 def _recorder(r: _Reader) -> Recorder:
     extra = []
     for i, item in enumerate(r.list("extra_topics", [])):
-        er = _Reader(r.file, item, f"{r._key('extra_topics')}[{i}]")
+        er = r.child(item, f"{r._key('extra_topics')}[{i}]")
         extra.append((er.topic("topic"), er.str("type", pattern=re.compile(r"^\w+/msg/\w+$"))))
     return Recorder(output_dir=r.str("output_dir", "bags"), queue_size=r.num("queue_size", 4096, lo=16,
                     integer=True), compression=r.str("compression", "zstd", choices=("zstd", "none")),
@@ -445,7 +477,8 @@ def _sim(r: _Reader) -> Sim:
 
 
 def parse_station(data: Any, file: str = "<station>") -> Station:
-    """Validate a parsed YAML mapping; raises StationConfigError naming file, key and value."""
+    """Validate a parsed YAML mapping; raises StationConfigError naming file, key and value (for a key the
+    schema does not have: the closest valid key)."""
     root = _Reader(file, data)
     robot_r = root.sub("robot")
     rtype = robot_r.str("type", choices=("sim", "hardware"))
@@ -456,7 +489,7 @@ def parse_station(data: Any, file: str = "<station>") -> Station:
                   joints=_joints(robot_r))
     cams, roles = [], {}
     for i, item in enumerate(root.list("cameras")):
-        cam = _camera(_Reader(file, item, f"cameras[{i}]"), rtype == "sim")
+        cam = _camera(root.child(item, f"cameras[{i}]"), rtype == "sim")
         if cam.role in roles or cam.name in [c.name for c in cams]:
             raise root.fail(f"cameras[{i}]", cam.name, "duplicate camera name or role")
         roles[cam.role] = cam
@@ -465,13 +498,15 @@ def parse_station(data: Any, file: str = "<station>") -> Station:
         raise root.fail("cameras", sorted(roles), f"need exactly one camera per role {list(CAMERA_ROLES)}")
     cams.sort(key=lambda c: CAMERA_ROLES.index(c.role))  # model order: base, left wrist, right wrist
     policy = _policy(root.sub("policy"))
-    return Station(
+    sim = _sim(root.sub("sim", {}))  # checked on a hardware station too (a copied sim file), but not used there
+    station = Station(
         file=file, name=root.str("name", pattern=_NAME_RE),
         namespace=root.str("namespace", "", pattern=re.compile(r"^(/?[A-Za-z][A-Za-z0-9_]*)?$")),
         episode_topic=root.topic("episode_topic", "/episode/events"),
         robot=robot, cameras=tuple(cams), policy=policy, mux=_mux(root.sub("mux"), policy.command_topic),
-        recorder=_recorder(root.sub("recorder", {})),
-        sim=_sim(root.sub("sim", {})) if rtype == "sim" else None, raw=data)
+        recorder=_recorder(root.sub("recorder", {})), sim=sim if rtype == "sim" else None, raw=data)
+    root.refuse_unknown()
+    return station
 
 
 def load_station(name_or_path: str | os.PathLike) -> Station:

@@ -116,3 +116,46 @@ def test_parse_is_pure(sim_data):
     before = copy.deepcopy(sim_data)
     parse_station(sim_data, "mem.yaml")
     assert sim_data == before
+
+
+@pytest.mark.parametrize("path,key,value,message", [
+    (("policy",), "bta", 2.0, "policy.bta: unknown key; did you mean 'beta'? (got 2.0)"),
+    (("sim",), "corector", False, "sim.corector: unknown key; did you mean 'corrector'? (got False)"),
+    (("robot",), "control_rate_hs", 50, "robot.control_rate_hs: unknown key; did you mean 'control_rate_hz'? "
+                                         "(got 50)"),
+    ((), "operator", "ana", "operator: unknown key; valid keys: cameras, episode_topic, mux, name, namespace, "
+                            "policy, recorder, robot, sim (got 'ana')"),
+    (("robot", "joints", 3), "max_vel", 1.0,
+     "robot.joints[3].max_vel: unknown key; did you mean 'max_velocity'? (got 1.0)"),
+    (("cameras", 2), "jpeg_qualty", 90, "cameras[2].jpeg_qualty: unknown key; did you mean 'jpeg_quality'? (got 90)"),
+    (("mux", "inputs", 1), "timeout", 0.5, "mux.inputs[1].timeout: unknown key; did you mean 'timeout_s'? (got 0.5)"),
+])
+def test_unknown_keys_refused_with_closest_valid_key(tmp_path, sim_data, path, key, value, message):
+    node = sim_data
+    for k in path:
+        node = node[k]
+    node[key] = value
+    err = _refused(tmp_path, sim_data)
+    assert str(err) == f"{tmp_path / 'bad.yaml'}: {message}"
+
+
+def test_misspelled_required_key_names_the_misspelling(tmp_path, sim_data):
+    sim_data["policy"]["bundel"] = sim_data["policy"].pop("bundle")
+    err = _refused(tmp_path, sim_data)
+    assert str(err) == (f"{tmp_path / 'bad.yaml'}: policy.bundle: missing required key (is 'bundel' a misspelling "
+                        "of it?) (got None)")
+
+
+def test_sim_section_of_a_hardware_station_is_checked(tmp_path):
+    data = yaml.safe_load(paths.station_file("bimanual_aloha").read_text())
+    data["sim"] = {"seed": 3, "sed": 4}
+    err = _refused(tmp_path, data)
+    assert str(err) == f"{tmp_path / 'bad.yaml'}: sim.sed: unknown key; did you mean 'seed'? (got 4)"
+
+
+def test_hardware_template_estop_has_a_heartbeat():
+    """A dead e-stop publisher must hold the robot: the template's e-stop lock masks every input (255), latches,
+    and engages after 0.5 s without a message."""
+    (estop,) = load_station("bimanual_aloha").mux.locks
+    assert (estop.name, estop.topic, estop.priority, estop.latching, estop.heartbeat_timeout_s) == \
+        ("estop", "/estop", 255, True, 0.5)
