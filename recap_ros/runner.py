@@ -1,13 +1,18 @@
 """``recap-station <station>``: run a station's node set without ROS's launch system.
 
 Same node list and parameters as ``station.launch.py`` (both come from :mod:`recap_ros.launch_graph`).
-Each node is its own process in its own process group. SIGINT/SIGTERM are forwarded to every node, nodes
-that do not exit within the grace period are killed (no orphans), and if any node dies on its own the whole
-station is stopped and the runner exits non-zero, naming the node.
+Each node is its own process in its own session, so a terminal's Ctrl-C or hang-up reaches only the runner,
+which stops the nodes once, in order: SIGINT, SIGTERM or SIGHUP to the runner sends SIGINT to every node's
+process group, and nodes that do not exit within the grace period are killed with their group. Each node
+gets SIGTERM from the kernel when the runner dies, even by SIGKILL (``PR_SET_PDEATHSIG``), so none is left
+behind. If any node dies on its own the whole station is stopped; the runner exits non-zero when a node died
+or did not exit with code 0 when stopped, naming it.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -20,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from recap_ros import launch_graph, paths
+from recap_ros.nodes import StopRequest
 from recap_ros.station import StationConfigError, load_station
 
 
@@ -47,6 +53,27 @@ def node_env(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In a node's process, before it execs: SIGTERM (a clean stop, see :func:`recap_ros.nodes.run_node`) when
+    the runner dies. If the runner already died before this took effect, stop at once."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _say(text: str, err: bool = False) -> None:
+    """Print a runner message; a terminal that hung up (SIGHUP) must not stop the runner from stopping nodes."""
+    try:
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+    except OSError:
+        pass
+
+
 class Station:
     def __init__(self, specs: list[launch_graph.NodeSpec], workdir: Path, grace_s: float = 5.0):
         self.specs, self.workdir, self.grace_s = specs, workdir, grace_s
@@ -55,13 +82,14 @@ class Station:
     def start(self) -> None:
         env = node_env(os.environ)
         profile = env.get(paths.FASTDDS_PROFILE_ENV, env.get(paths.FASTDDS_PROFILE_ENV_LEGACY))
-        print(f"[recap-station] Fast DDS profile: {profile or 'none (stock settings)'}", flush=True)
+        _say(f"[recap-station] Fast DDS profile: {profile or 'none (stock settings)'}")
         for spec in self.specs:
             params = self.workdir / f"{spec.name}.params.yaml"
             params.write_text(yaml.safe_dump(spec.params_yaml(), sort_keys=False))
             cmd = [sys.executable, "-m", spec.module, *spec.ros_args(str(params))]
-            self.procs[spec.name] = subprocess.Popen(cmd, env=env, start_new_session=True)
-            print(f"[recap-station] started {spec.name} (pid {self.procs[spec.name].pid})", flush=True)
+            self.procs[spec.name] = subprocess.Popen(cmd, env=env, start_new_session=True,
+                                                     preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+            _say(f"[recap-station] started {spec.name} (pid {self.procs[spec.name].pid})")
 
     def first_dead(self) -> tuple[str, int] | None:
         for name, p in self.procs.items():
@@ -70,7 +98,8 @@ class Station:
                 return name, rc
         return None
 
-    def stop(self) -> None:
+    def stop(self) -> dict[str, int]:
+        """Stop every node (SIGINT, SIGKILL after the grace period); returns each node's exit code."""
         for p in self.procs.values():
             if p.poll() is None:
                 try:
@@ -82,13 +111,14 @@ class Station:
             try:
                 p.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                print(f"[recap-station] {name} ignored SIGINT for {self.grace_s:.0f} s: killing it", flush=True)
+                _say(f"[recap-station] {name} ignored SIGINT for {self.grace_s:.0f} s: killing it")
         for p in self.procs.values():  # the whole group: a node's own children go too
             try:
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             p.wait()
+        return {name: p.returncode for name, p in self.procs.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,35 +149,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{s.name}: {s.executable} {' '.join(s.ros_args())} {s.parameters}")
         return 0
 
-    stop_reason: list[str] = []
-
-    def on_signal(signum, _frame):
-        stop_reason.append(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = StopRequest()
+    stop.install()
     with tempfile.TemporaryDirectory(prefix="recap-station-") as tmp:
         runner = Station(specs, Path(tmp), args.grace)
-        print(f"[recap-station] station '{station.name}' from {station.file}: {len(specs)} nodes", flush=True)
+        _say(f"[recap-station] station '{station.name}' from {station.file}: {len(specs)} nodes")
         rc = 0
         try:
             runner.start()
             t_end = time.monotonic() + args.duration if args.duration > 0 else None
-            while not stop_reason:
+            while not stop.requested.is_set():
                 dead = runner.first_dead()
                 if dead:
-                    print(f"[recap-station] node {dead[0]} exited with code {dead[1]}: stopping the station",
-                          file=sys.stderr, flush=True)
+                    _say(f"[recap-station] node {dead[0]} exited with code {dead[1]}: stopping the station",
+                         err=True)
                     rc = 1
                     break
                 if t_end is not None and time.monotonic() >= t_end:
                     break
                 time.sleep(0.1)
         finally:
-            runner.stop()
-        print(f"[recap-station] stopped ({stop_reason[0] if stop_reason else 'exit'})", flush=True)
-        return rc
-
+            codes = runner.stop()
+        failed = {name: code for name, code in codes.items() if code != 0}
+        if failed:
+            _say(f"[recap-station] exit codes other than 0: {failed}", err=True)
+            rc = 1
+        _say(f"[recap-station] stopped ({stop.signal_name or 'exit'})")
+    stop.ignore_further()
+    return rc
 
 if __name__ == "__main__":
     sys.exit(main())

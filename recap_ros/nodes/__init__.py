@@ -2,14 +2,52 @@
 from __future__ import annotations
 
 import gc
+import signal
 import sys
+import threading
 from typing import Callable
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_POLL_S = 0.1  # longest a stop request waits for an idle executor to return (see run_node)
+
+
+class StopRequest:
+    """SIGINT, SIGTERM and SIGHUP only *request* a stop: ``install()`` replaces their handlers with one that sets
+    :attr:`requested`, so no signal raises inside a callback or inside the node's cleanup. A terminal Ctrl-C
+    under ``ros2 launch`` reaches every process of the group and launch then signals each node again; both
+    just land here."""
+
+    def __init__(self):
+        self.requested = threading.Event()
+        self.signal_name = ""
+
+    def install(self) -> None:
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._on_signal)
+
+    def ignore_further(self) -> None:
+        """Once cleaned up: ignore stop signals. Python's finalisation would reset a handler to the default, and
+        a late SIGINT (launch signals each node again after the terminal's Ctrl-C) would then kill the exiting
+        process (exit code -2)."""
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+    def _on_signal(self, signum, _frame) -> None:
+        if not self.requested.is_set():
+            self.signal_name = signal.Signals(signum).name
+        self.requested.set()
 
 
 def run_node(name: str, make_node: Callable, args=None,
              config_errors: tuple[type[BaseException], ...] = ()) -> int:
-    """Shared ``main`` body: init rclpy, build the node, spin it on a SingleThreadedExecutor until SIGINT /
-    shutdown, clean up.
+    """Shared ``main`` body: init rclpy, build the node, spin it on a SingleThreadedExecutor until SIGINT,
+    SIGTERM or SIGHUP, clean up, exit 0.
+
+    Shutdown order: a stop signal only sets a flag (:class:`StopRequest`; rclpy's own signal handlers are not
+    installed: they shut the context down at once, so the node's cleanup could no longer log or publish, which
+    printed "Failed to publish log message to rosout: publisher's context is invalid"). The executor waits at
+    most ``STOP_POLL_S`` at a time, so an idle node sees the flag within that time; then the node is destroyed
+    (e.g. the recorder finalises its bag) with the context still valid, and only then rclpy shuts down.
 
     rclpy's MultiThreadedExecutor is not used: it costs milliseconds of GIL time per callback and fell seconds
     behind the station's ~250 messages/s. After the node is built, everything allocated so far (imports, model)
@@ -17,14 +55,17 @@ def run_node(name: str, make_node: Callable, args=None,
     (measured, policy_server's imports and model, idle machine), which a 50 Hz tick thread would wait for.
 
     A configuration error (``config_errors``, plus StationConfigError) is printed as one line naming the node
-    and returns exit code 2 instead of a traceback; SIGINT returns 0.
+    and returns exit code 2 instead of a traceback.
     """
     import rclpy
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
 
     from recap_ros.station import StationConfigError
 
-    rclpy.init(args=args)
+    stop = StopRequest()
+    stop.install()
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     node = None
     try:
         node = make_node()
@@ -32,14 +73,17 @@ def run_node(name: str, make_node: Callable, args=None,
         gc.freeze()
         executor = SingleThreadedExecutor()
         executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        while not stop.requested.is_set():
+            executor.spin_once(timeout_sec=STOP_POLL_S)
+        node.get_logger().info(f"{stop.signal_name}: stopping")
+    except ExternalShutdownException:  # the context was shut down by someone else: nothing left to spin
         pass
     except (StationConfigError, *config_errors) as e:
-        print(f"{name}: {e}", file=sys.stderr)
+        print(f"{name}: refusing to start: {e}", file=sys.stderr)
         return 2
     finally:
         if node is not None:
             node.destroy_node()
-        rclpy.try_shutdown()
+        rclpy.try_shutdown(uninstall_handlers=False)  # rclpy installed none; uninstalling would reset ours
+        stop.ignore_further()
     return 0

@@ -13,10 +13,8 @@ from __future__ import annotations
 import time
 
 import cv2
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
@@ -26,8 +24,9 @@ from recap_ros.camera import (CameraConfigError, CaptureThread, Delivery, Frame,
                               to_output_rgb, uncalibrated)
 from recap_ros.camera.settings import CAMERA_KEYS, NODE_DEFAULTS
 from recap_ros.imaging import encode_jpeg
+from recap_ros.nodes import run_node
 from recap_ros.rosmsg import SENSOR_QOS, compressed_msg, image_msg, ns_to_stamp
-from recap_ros.station import StationConfigError, load_station
+from recap_ros.station import load_station
 
 RELIABLE_IMAGE_QOS = QoSProfile(depth=SENSOR_QOS.depth, reliability=ReliabilityPolicy.RELIABLE)
 
@@ -142,22 +141,8 @@ def _camera_info_msg(cal, frame_id: str) -> CameraInfo:
 
 
 def main(args=None) -> int:
-    rclpy.init(args=args)
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # failures are reported by us, once
-    node, code = None, 0
-    try:
-        node = CameraIngest()
-        rclpy.spin(node)
-    except (CameraConfigError, StationConfigError) as e:
-        rclpy.logging.get_logger("camera_ingest").fatal(f"refusing to start: {e}")
-        code = 2
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return code
+    return run_node("camera_ingest", CameraIngest, args, config_errors=(CameraConfigError,))
 
 
 if __name__ == "__main__":

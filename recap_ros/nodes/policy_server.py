@@ -60,7 +60,7 @@ from recap_ros.control.guidance import BETA_OFF, beta_problem
 from recap_ros.control.policy_tick import POLICY_INPUT, PolicyTick, TickConfig
 from recap_ros.control.stitching import HOLD_NO_CHUNK, JointLimits, Request
 from recap_ros.control.ticker import CONTROL_PRIORITY, DeadlineLoop, PeriodMonitor, try_realtime
-from recap_ros.nodes import run_node
+from recap_ros.nodes import STOP_SIGNALS, run_node
 from recap_ros.station import BETA_MIN, load_station
 
 OK, WARN, ERROR = 0, 1, 2
@@ -113,7 +113,8 @@ def _tick_process(spec: _TickSpec, inbox, outbox) -> None:
     import rclpy
     from rclpy.signals import SignalHandlerOptions
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    for signum in STOP_SIGNALS:  # Ctrl-C, launch's SIGTERM or a hang-up reach the whole process group: the parent
+        signal.signal(signum, signal.SIG_IGN)  # decides (it closes the pipe, or its death does)
     rclpy.init(args=[], signal_handler_options=SignalHandlerOptions.NO)
     node = rclpy.create_node(spec.node_name, namespace=spec.namespace, start_parameter_services=False,
                              enable_rosout=False)  # it logs through the node's process

@@ -1,0 +1,269 @@
+"""Shutdown: a stop signal (SIGINT, SIGTERM, SIGHUP) only requests a stop, so nodes exit with code 0, without a
+traceback, and the recorder finalises the episode's bag; the runner's hang-up or death stops every node."""
+import functools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import yaml
+from helpers import REPO, wait_for
+
+from recap_ros import launch_graph, paths
+from recap_ros.nodes import STOP_SIGNALS, StopRequest
+from recap_ros.runner import _die_with_parent, node_env
+from recap_ros.station import load_station
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone for our purposes
+    except FileNotFoundError:
+        return False
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        p, pp = map(int, line.split())
+        children.setdefault(pp, []).append(p)
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
+
+
+# ------------------------------------------------------------------------------------------ signal handling
+def test_stop_signals_only_request_a_stop():
+    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        stop = StopRequest()
+        stop.install()
+        os.kill(os.getpid(), signal.SIGINT)  # would raise KeyboardInterrupt with Python's default handler
+        wait_for(stop.requested.is_set, 2.0, "the stop request")
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal (launch's SIGTERM) changes nothing
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.05)
+        assert stop.signal_name == "SIGINT"
+        stop.ignore_further()
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in STOP_SIGNALS)
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def test_a_process_started_with_die_with_parent_stops_when_its_parent_is_killed(tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import functools, os, subprocess, sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from recap_ros.runner import _die_with_parent
+        child = subprocess.Popen(["sleep", "60"], preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+        print(child.pid, flush=True)
+        time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert _alive(child)
+    parent.kill()
+    parent.wait()
+    wait_for(lambda: not _alive(child), 5.0, f"the child {child} to stop after its parent's SIGKILL")
+
+
+def test_die_with_parent_stops_a_child_whose_parent_is_already_gone():
+    # the parent pid passed is not the child's parent (as after a runner that died before prctl took effect)
+    child = subprocess.Popen(["sleep", "60"], preexec_fn=functools.partial(_die_with_parent, 1))
+    assert child.wait(timeout=5) == -signal.SIGTERM
+
+
+_FAKE_NODE = textwrap.dedent("""
+    import os, signal, sys, time
+    from rclpy.node import Node
+    from recap_ros.nodes import run_node
+
+    class Slow(Node):
+        def __init__(self):
+            super().__init__("slow_to_stop")
+            print("ready", flush=True)
+
+        def destroy_node(self):
+            print("destroying", flush=True)
+            time.sleep(1.0)  # the test signals again meanwhile
+            self.get_logger().info("cleaned up")  # reaches rosout: the context is still valid
+            super().destroy_node()
+
+    rc = run_node("slow_to_stop", Slow)
+    os.kill(os.getpid(), signal.SIGINT)  # late, as launch's second SIGINT: ignored
+    time.sleep(0.1)
+    print("run_node returned", rc, flush=True)
+    sys.exit(rc)
+    """)
+
+
+@pytest.mark.ros
+@pytest.mark.parametrize("first", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_run_node_cleanup_is_not_interrupted_by_more_signals(first):
+    pytest.importorskip("rclpy")
+    p = subprocess.Popen([sys.executable, "-c", _FAKE_NODE], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    try:
+        for want in ("ready", "destroying"):
+            while not (lines and lines[-1].strip() == want):
+                line = p.stdout.readline()
+                assert line, "".join(lines)
+                lines.append(line)
+            if want == "ready":
+                t0 = time.monotonic()
+                p.send_signal(getattr(signal, first))
+        stop_s = time.monotonic() - t0
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGINT):  # while destroy_node runs
+            p.send_signal(s)
+        out = "".join(lines) + p.stdout.read()
+        rc = p.wait(timeout=10)
+    finally:
+        p.kill()
+    assert rc == 0, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out and "Failed to publish" not in out, out
+    assert f"[slow_to_stop]: {first}: stopping" in out and "[slow_to_stop]: cleaned up" in out, out
+    assert "run_node returned 0" in out, out
+    assert stop_s < 1.0, f"an idle node took {stop_s:.2f} s to see the stop request"
+
+
+# ------------------------------------------------------------------------------------------ whole station
+@pytest.fixture
+def station_file(tmp_path):
+    data = yaml.safe_load(paths.station_file("sim").read_text())
+    data["recorder"]["output_dir"] = str(tmp_path / "bags")
+    f = tmp_path / "sim.yaml"
+    f.write_text(yaml.safe_dump(data))
+    return f
+
+
+def _wait_for_recording(bags, procs, log):
+    """Until an episode's bag has been written to for a second (every process still running)."""
+    def recording():
+        for p in procs:
+            assert p.poll() is None, log.read_text()[-3000:]
+        return any(f.stat().st_size > 0 for f in bags.glob("*/*.mcap"))
+    wait_for(recording, 120, f"a bag under {bags}")
+    time.sleep(1.0)
+
+
+def _check_bags(bags):
+    """Every bag reads without repair (rosbags); the last one, cut by the stop, is labelled unlabelled."""
+    from rosbags.rosbag2 import Reader
+
+    from recap_ros.recording.bag import read_metadata
+
+    dirs = sorted(bags.iterdir())
+    assert dirs
+    for d in dirs:
+        with Reader(d) as r:
+            assert r.message_count > 0 and sum(1 for _ in r.messages()) == r.message_count, d
+    custom = read_metadata(dirs[-1])["rosbag2_bagfile_information"]["custom_data"]
+    assert (custom["recap.outcome"], custom["recap.end_reason"]) == ("unlabelled", "shutdown"), custom
+
+
+def _start_runner(station_file, log):
+    return subprocess.Popen([sys.executable, "-m", "recap_ros.runner", str(station_file)], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+
+
+@pytest.mark.ros
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_sigint_to_the_runners_process_group_stops_every_node_cleanly(rclpy_context, station_file, tmp_path):
+    """As Ctrl-C in the terminal of `./dev station`: exit code 0 from the runner and every node, no traceback,
+    the bag being recorded is finalised."""
+    log_path = tmp_path / "station.log"
+    with open(log_path, "w") as log:
+        proc = _start_runner(station_file, log)
+        try:
+            _wait_for_recording(tmp_path / "bags", [proc], log_path)
+            nodes = _descendants(proc.pid)
+            t0 = time.monotonic()
+            os.killpg(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=30)
+            elapsed = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = log_path.read_text()
+    print(f"stopped in {elapsed:.2f} s")
+    assert rc == 0, text[-3000:]
+    assert "exit codes other than 0" not in text and "ignored SIGINT" not in text, text[-3000:]
+    assert "Traceback" not in text and "Failed to publish" not in text, text[-3000:]
+    for spec in launch_graph.node_specs(load_station(str(station_file))):
+        assert f"[{spec.name}]: SIGINT: stopping" in text, text[-3000:]
+    assert not [p for p in nodes if _alive(p)]
+    _check_bags(tmp_path / "bags")
+
+
+@pytest.mark.ros
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_sigint_to_a_launch_style_process_group_stops_every_node_cleanly(rclpy_context, station_file, tmp_path):
+    """As Ctrl-C under `ros2 launch`: every node is in the terminal's process group, so each gets the SIGINT,
+    and then launch sends each one SIGINT again. Every node exits with code 0, without a traceback."""
+    specs = launch_graph.node_specs(load_station(str(station_file)))
+    log_path = tmp_path / "station.log"
+    procs, pgid = {}, 0
+    with open(log_path, "w") as log:
+        try:
+            for spec in specs:
+                params = tmp_path / f"{spec.name}.params.yaml"
+                params.write_text(yaml.safe_dump(spec.params_yaml()))
+                procs[spec.name] = subprocess.Popen(
+                    [sys.executable, "-m", spec.module, *spec.ros_args(str(params))], stdout=log,
+                    stderr=subprocess.STDOUT, cwd=REPO, env=node_env(os.environ), process_group=pgid)
+                pgid = pgid or procs[spec.name].pid
+            _wait_for_recording(tmp_path / "bags", procs.values(), log_path)
+            os.killpg(pgid, signal.SIGINT)
+            time.sleep(0.05)
+            for p in procs.values():
+                p.send_signal(signal.SIGINT)
+            codes = {name: p.wait(timeout=30) for name, p in procs.items()}
+        finally:
+            for p in procs.values():
+                if p.poll() is None:
+                    p.kill()
+    text = log_path.read_text()
+    assert codes == {s.name: 0 for s in specs}, text[-3000:]
+    assert "Traceback" not in text and "Failed to publish" not in text, text[-3000:]
+    _check_bags(tmp_path / "bags")
+
+
+@pytest.mark.ros
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("sig", ["SIGHUP", "SIGKILL"])
+def test_runner_hang_up_or_death_leaves_no_node_behind(rclpy_context, station_file, tmp_path, sig):
+    """SIGHUP (the terminal closed) stops the station as SIGINT does; SIGKILL of the runner makes the kernel
+    send every node SIGTERM, so they still stop cleanly and finalise the bag."""
+    log_path = tmp_path / "station.log"
+    processes = []
+    with open(log_path, "w") as log:
+        proc = _start_runner(station_file, log)
+        try:
+            _wait_for_recording(tmp_path / "bags", [proc], log_path)
+            processes = _descendants(proc.pid)  # the nodes and their own children (policy_server's tick process)
+            proc.send_signal(getattr(signal, sig))
+            rc = proc.wait(timeout=30)
+            wait_for(lambda: not [p for p in processes if _alive(p)], 15, f"every node to stop after {sig}")
+        finally:
+            proc.kill()
+            for p in processes:
+                if _alive(p):
+                    os.kill(p, signal.SIGKILL)
+    text = log_path.read_text()
+    assert rc == (0 if sig == "SIGHUP" else -signal.SIGKILL), text[-3000:]
+    assert "Traceback" not in text and "Failed to publish" not in text, text[-3000:]
+    node_signal = "SIGINT" if sig == "SIGHUP" else "SIGTERM"  # forwarded by the runner, or sent by the kernel
+    assert f"[episode_recorder]: {node_signal}: stopping" in text, text[-3000:]
+    _check_bags(tmp_path / "bags")
