@@ -29,13 +29,25 @@ def test_n_step_advantage_is_per_episode_and_counts_failure_cost():
                              np.array([0, 1, 2, 0, 1]), max_len=10, n=2)
     np.testing.assert_allclose(A[:3], [-0.2 + v[2] - v[0], -0.1 - v[1], 0.0 - v[2]])
     np.testing.assert_allclose(A[3:], [(-1 - 20) / 10 - v[3], -20 / 10 - v[4]])  # never bootstraps across
+    # each episode divided by its own M (10 for the first task, 4 for the second)
+    A = adv.n_step_advantage([-2.0, -1.0, 0.0, -21.0, -20.0], v, ep, np.array([0, 1, 2, 0, 1]),
+                             max_len=np.array([10, 10, 10, 4, 4]), n=2)
+    np.testing.assert_allclose(A, [-0.2 + v[2] - v[0], -0.1 - v[1], 0.0 - v[2], -21 / 4 - v[3], -20 / 4 - v[4]])
+    with pytest.raises(ValueError, match=r"max_len has shape \(2,\)"):
+        adv.n_step_advantage(np.zeros(5), v, ep, np.arange(5), max_len=np.array([10, 4]), n=2)
 
 
 def test_episode_advantage_and_non_contiguous_episodes_rejected():
-    lab = rt.episode_labels(4, True, max_len=8, c_fail=8)
     v = np.array([-0.5, -0.5, -0.1, 0.0])
-    np.testing.assert_allclose(adv.episode_advantage(lab["return_normalized"], v),
+    # success of 4 steps, M = 8: rewards -1 -1 -1 0, reward-to-go -3 -2 -1 0
+    np.testing.assert_allclose(adv.episode_advantage(np.array([-3.0, -2.0, -1.0, 0.0]), v, 8),
                                [-3 / 8 + 0.5, -2 / 8 + 0.5, -1 / 8 + 0.1, 0.0])
+    # failure of 4 steps, M = 8, C_fail = 8: rewards -1 -1 -1 -8, reward-to-go -11 -10 -9 -8; not clipped at -1
+    np.testing.assert_allclose(adv.episode_advantage(np.array([-11.0, -10.0, -9.0, -8.0]), v, 8),
+                               [-11 / 8 + 0.5, -10 / 8 + 0.5, -9 / 8 + 0.1, -1.0])
+    # one M per frame: two episodes of different tasks (M = 8 and M = 4)
+    np.testing.assert_allclose(adv.episode_advantage(np.array([-2.0, 0.0, -2.0, 0.0]), v, np.array([8, 8, 4, 4])),
+                               [-2 / 8 + 0.5, 0.0 + 0.5, -2 / 4 + 0.1, 0.0])
     with pytest.raises(ValueError, match="contiguous"):
         adv.n_step_advantage(np.zeros(3), np.zeros(3), np.array([0, 1, 0]), np.zeros(3), max_len=5)
 
@@ -78,13 +90,13 @@ def test_interventions_forced_positive_and_excluded_from_threshold():
     A = np.array([-5.0, -5.0, 1.0, 2.0, 3.0, 4.0])
     task = np.zeros(6, int)
     iv = np.array([True, True, False, False, False, False])
-    lab = adv.label(np.zeros(6), np.zeros(6, int), task, iv, max_len=10, mode="pretrain",
-                    positive_fraction=0.5, return_normalized=A)
+    lab = adv.label(np.zeros(6), np.zeros(6, int), task, iv, max_len=1, mode="pretrain",
+                    positive_fraction=0.5, ret=A)
     assert lab.thresholds[0] == pytest.approx(np.quantile([1, 2, 3, 4], 0.5))
     np.testing.assert_array_equal(lab.indicator, [True, True, False, False, True, True])
     # a task with only interventions: everything positive
     lab2 = adv.label(np.zeros(2), np.zeros(2, int), np.zeros(2, int), np.ones(2, bool), 10, "pretrain",
-                     return_normalized=np.array([-1.0, -1.0]))
+                     ret=np.array([-10.0, -10.0]))
     assert lab2.indicator.all()
 
 
@@ -97,8 +109,7 @@ def test_label_modes_default_fractions_and_errors():
     R = np.concatenate([rt.returns(r[i:i + 100]) for i in range(0, n, 100)])
     fin = adv.label(v, ep, np.zeros(n, int), np.zeros(n, bool), 200, "finetune", ret=R,
                     frame_index=np.tile(np.arange(100), 40))
-    pre = adv.label(v, ep, np.zeros(n, int), np.zeros(n, bool), 200, "pretrain",
-                    return_normalized=rng.uniform(-1, 0, n))
+    pre = adv.label(v, ep, np.zeros(n, int), np.zeros(n, bool), 200, "pretrain", ret=rng.uniform(-200, 0, n))
     assert fin.positive_fraction() == pytest.approx(0.4, abs=0.01)
     assert pre.positive_fraction() == pytest.approx(0.3, abs=0.01)
     with pytest.raises(ValueError, match="unknown advantage mode"):

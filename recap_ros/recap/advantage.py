@@ -1,14 +1,15 @@
 """RECAP advantages, per-task thresholds and the improvement indicator I_t (ROS-free, numpy).
 
-Everything is in the value function's units: returns normalised by the task's maximum episode length
-(:func:`recap_ros.recap.returns.normalise`), so a reward r_t enters as r_t / max_len.
+Everything is in the value function's units: rewards and returns divided by the episode's own maximum length M
+(its task's, stored per episode by the export and carried per frame in :class:`recap_ros.recap.data.Frames`), so
+a reward r_t enters as r_t / M. ``max_len`` below is one M per frame (or one for all frames).
 
-- Post-training (N-step, N = 50):  A_t = sum_{t'=t}^{t+N-1} r_t' / max_len + V(o_{t+N}) - V(o_t),
+- Post-training (N-step, N = 50):  A_t = sum_{t'=t}^{t+N-1} r_t' / M + V(o_{t+N}) - V(o_t),
   with V(o_{t+N}) = 0 when t + N runs past the episode end (the episode is over; the reward sum is truncated
   at the last step, which carries 0 on success and -C_fail on failure). The reward sum is computed from the
   reward-to-go as R_t - R_{t+N}, so subsampled frames work.
-- Pre-training (whole episode, Monte-Carlo): A_t = R_t^norm - V(o_t), R_t^norm the normalised reward-to-go
-  (one value call per sample).
+- Pre-training (whole episode, Monte-Carlo): A_t = sum_{t'>=t} r_t' / M - V(o_t) = R_t / M - V(o_t), not
+  clipped (one value call per sample); see :func:`episode_advantage`.
 - Threshold: eps_l per task is the (1 - positive_fraction) quantile of that task's advantages over the
   autonomous (non-intervention) steps, estimated on at most ``max_samples`` of them (the paper uses ~10k), so
   about ``positive_fraction`` of them get I_t = 1 (30 % pre-training, ~40 % fine-tuning).
@@ -42,10 +43,20 @@ def _episode_slices(episode_index: np.ndarray) -> list[slice]:
     return slices
 
 
+def _lengths(max_len: int | np.ndarray, shape: tuple) -> np.ndarray:
+    """M per frame as float64 (one given length broadcast to every frame)."""
+    M = np.asarray(max_len, np.float64)
+    if M.ndim and M.shape != shape:
+        raise ValueError(f"max_len has shape {M.shape}, the frames {shape}")
+    if np.any(M <= 0):
+        raise ValueError(f"max episode length must be > 0 (got {M.min():g})")
+    return np.broadcast_to(M, shape)
+
+
 def n_step_advantage(ret: np.ndarray, value: np.ndarray, episode_index: np.ndarray, frame_index: np.ndarray,
-                     max_len: int, n: int = N_STEP) -> np.ndarray:
-    """A_t = sum_{t'=t}^{t+n-1} r_t'/max_len + V(o_{t+n}) - V(o_t) per episode, from the reward-to-go R:
-    the reward sum is (R_t - R_{t+n}) / max_len, and R and V past the episode's last frame are 0.
+                     max_len: int | np.ndarray, n: int = N_STEP) -> np.ndarray:
+    """A_t = sum_{t'=t}^{t+n-1} r_t'/M + V(o_{t+n}) - V(o_t) per episode, from the reward-to-go R:
+    the reward sum is (R_t - R_{t+n}) / M, and R and V past the episode's last frame are 0.
 
     Frames may be a subsample of the ticks (``frame_index`` = tick). When tick t + n is not a frame, the
     bootstrap uses the last frame before it, t + k (k < n): A_t = (R_t - R_{t+k}) / max_len + V(o_{t+k}) - V(o_t),
@@ -56,25 +67,32 @@ def n_step_advantage(ret: np.ndarray, value: np.ndarray, episode_index: np.ndarr
         raise ValueError(f"return {ret.shape}, value {value.shape} and frame_index {fi.shape} must be equal 1-D")
     if n < 1:
         raise ValueError(f"N must be >= 1 (got {n})")
-    if max_len <= 0:
-        raise ValueError(f"max episode length must be > 0 (got {max_len})")
+    M = _lengths(max_len, ret.shape)
     out = np.empty_like(value)
     for s in _episode_slices(episode_index):
-        t, R, v = fi[s], ret[s], value[s]
+        t, R, v, m = fi[s], ret[s], value[s], M[s]
         if np.any(np.diff(t) <= 0):
             raise ValueError(f"frame_index of episode {np.asarray(episode_index)[s.start]} is not increasing")
         inside = t + n <= t[-1]
         boot = np.searchsorted(t, t + n, side="right") - 1   # last frame at or before t + n
-        out[s] = np.where(inside, (R - R[boot]) / max_len + v[boot], R / max_len) - v
+        out[s] = np.where(inside, (R - R[boot]) / m + v[boot], R / m) - v
     return out
 
 
-def episode_advantage(return_normalized: np.ndarray, value: np.ndarray) -> np.ndarray:
-    """Pre-training form: A_t = R_t^norm - V(o_t) (whole remaining episode, Monte-Carlo)."""
-    Rn, v = np.asarray(return_normalized, np.float64), np.asarray(value, np.float64)
-    if Rn.shape != v.shape:
-        raise ValueError(f"return {Rn.shape} and value {v.shape} shapes differ")
-    return Rn - v
+def episode_advantage(ret: np.ndarray, value: np.ndarray, max_len: int | np.ndarray) -> np.ndarray:
+    """Pre-training form (the paper's): A_t = sum_{t'>=t} r_t' / M - V(o_t) = R_t / M - V(o_t), R_t the
+    undiscounted reward-to-go to the episode's end and M the episode's own maximum length.
+
+    Where it differs from the fine-tuning form (:func:`n_step_advantage`): no bootstrap (the whole remaining
+    episode's rewards, Monte-Carlo; pre-training data are demonstrations, not roll-outs of the policy V was fit
+    to), and the reward sum is not clipped. The clip to [-1, 0] belongs to V's targets (the bins); here it would
+    flatten every failure frame to -1 - V. Unclipped, a failure frame's A includes -C_fail / M and its remaining
+    steps, so it ranks below the same frame of a success. The N-step form never clips either: its reward sum is
+    (R_t - R_{t+N}) / M, at most N steps plus C_fail."""
+    R, v = np.asarray(ret, np.float64), np.asarray(value, np.float64)
+    if R.shape != v.shape:
+        raise ValueError(f"return {R.shape} and value {v.shape} shapes differ")
+    return R / _lengths(max_len, R.shape) - v
 
 
 def task_thresholds(advantage: np.ndarray, task_index: np.ndarray, positive_fraction: float,
@@ -127,22 +145,22 @@ class Labels:
 
 
 def label(value: np.ndarray, episode_index: np.ndarray, task_index: np.ndarray, intervention: np.ndarray,
-          max_len: int, mode: str, positive_fraction: float | None = None, ret: np.ndarray | None = None,
-          frame_index: np.ndarray | None = None, return_normalized: np.ndarray | None = None, n: int = N_STEP,
-          seed: int = 0) -> Labels:
-    """Advantages + thresholds + indicators for a whole dataset. mode: 'finetune' (N-step) or 'pretrain'."""
+          max_len: int | np.ndarray, mode: str, positive_fraction: float | None = None, ret: np.ndarray | None = None,
+          frame_index: np.ndarray | None = None, n: int = N_STEP, seed: int = 0) -> Labels:
+    """Advantages + thresholds + indicators for a whole dataset. mode: 'finetune' (N-step) or 'pretrain'.
+    ``ret``: the unnormalised reward-to-go per frame; ``max_len``: each frame's episode M (``Frames.max_len``)."""
+    if mode not in ("finetune", "pretrain"):
+        raise ValueError(f"unknown advantage mode '{mode}' (finetune, pretrain)")
+    if ret is None:
+        raise ValueError(f"{mode} advantages need the per-step returns")
     if mode == "finetune":
-        if ret is None or frame_index is None:
-            raise ValueError("finetune (N-step) advantages need the per-step returns and frame indices")
+        if frame_index is None:
+            raise ValueError("finetune (N-step) advantages need the frame indices")
         A = n_step_advantage(ret, value, episode_index, frame_index, max_len, n)
         frac = FINETUNE_POSITIVE_FRACTION if positive_fraction is None else positive_fraction
-    elif mode == "pretrain":
-        if return_normalized is None:
-            raise ValueError("pretrain (whole-episode) advantages need the normalised returns")
-        A = episode_advantage(return_normalized, value)
-        frac = PRETRAIN_POSITIVE_FRACTION if positive_fraction is None else positive_fraction
     else:
-        raise ValueError(f"unknown advantage mode '{mode}' (finetune, pretrain)")
+        A = episode_advantage(ret, value, max_len)
+        frac = PRETRAIN_POSITIVE_FRACTION if positive_fraction is None else positive_fraction
     eps = task_thresholds(A, task_index, frac, intervention, seed=seed)
     return Labels(A, indicators(A, task_index, eps, intervention), eps, mode)
 

@@ -23,7 +23,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="LeRobot dataset directory or frames file (.npz)")
     p.add_argument("--stride", type=int, default=1, help="use every N-th frame of each episode (+ its last)")
     p.add_argument("--max-len", type=int, default=None,
-                   help="task's maximum episode length in steps (default: inferred from the returns)")
+                   help="a check only: refused unless it equals every episode's max length stored with the data "
+                        "(returns are always normalised by the stored one, per episode)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -62,10 +63,12 @@ def plot_values(frames, values: np.ndarray, out_dir: str | Path, max_episodes: i
             continue
         fi = frames.frame_index[m]
         rate = 50.0 / max(1, int(np.median(np.diff(fi))))
+        i = int(np.flatnonzero(m)[0])
         out.append(plot_episode_value(values[m], Path(out_dir) / f"value_ep{int(e):04d}.png",
                                       frames.return_normalized[m], frames.intervention[m], rate_hz=rate,
-                                      title=f"episode {int(e)}: {frames.prompts[frames.task_index[m][0]]}",
-                                      success=bool(frames.episode_success[m][0])))
+                                      title=f"episode {int(e)}: {frames.prompts[frames.task_index[i]]} "
+                                            f"(M {frames.max_len[i]}, C_fail {frames.c_fail[i]:g})",
+                                      success=bool(frames.episode_success[i])))
     return out
 
 
@@ -79,9 +82,14 @@ def train_value_main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--plots", default=None, help="directory for value-over-episode PNGs")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="fraction of the successful and of the failed episodes held out of training to measure V "
+                        "on (0: train on all, no figures)")
+    p.add_argument("--plots", default=None, help="directory for value-over-episode PNGs (of held-out episodes "
+                   "when there are some)")
     a = p.parse_args(argv)
     _threads(a.threads)
+    from recap_ros.recap import value_quality
     from recap_ros.recap.dataset_io import load_frames
     from recap_ros.recap.train_value import train_value
     from recap_ros.recap.value import load_value, predict_values
@@ -89,17 +97,48 @@ def train_value_main(argv=None) -> int:
     try:
         size = load_value(a.init).cfg.backbone.image_size if a.init else a.image_size
         frames = load_frames(a.data, size, stride=a.stride, max_len=a.max_len)
-        model, losses = train_value(frames, a.out, init=a.init, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+        held = value_quality.holdout_episodes(frames.episode_index, frames.episode_success, a.holdout, a.seed)
+        train = frames.subset(~held)
+        model, losses = train_value(train, a.out, init=a.init, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                                     seed=a.seed, device=a.device)
     except (ValueError, OSError, RuntimeError) as e:
         return _fail(p.prog, e)
-    _report(f"value: {len(frames)} frames, {frames.num_episodes} episodes; loss {np.mean(losses[:20]):.3f} -> "
-          f"{np.mean(losses[-20:]):.3f}; bundle {a.out}")
-    if a.plots and os.environ.get("RANK", "0") == "0":
-        v = predict_values(model, frames.images, frames.state, frames.prompts, frames.task_index)
-        for path in plot_values(frames, v, a.plots):
-            _report(f"plot {path}")
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    lines = [f"value: {len(train)} frames, {train.num_episodes} episodes (+ {int(held.sum())} frames of "
+             f"{len(np.unique(frames.episode_index[held]))} held-out episodes); loss {np.mean(losses[:20]):.3f} -> "
+             f"{np.mean(losses[-20:]):.3f}; bundle {a.out}"]
+    lines += [f"task '{t}': max length M {n['max_len']}, C_fail {n['c_fail']}"
+              for t, n in frames.normalisation().items()]
+    shown = frames.subset(held) if held.any() else None
+    if shown is not None:
+        v = predict_values(model, shown.images, shown.state, shown.prompts, shown.task_index)
+        lines += value_quality.format_report(value_quality.report(v, shown.ret, shown.max_len, shown.episode_index,
+                                                                  shown.episode_success))
+    else:
+        lines.append("no held-out episodes (--holdout 0, or one episode per outcome): no value quality figures")
+    print("\n".join(lines))
+    write_value_readme(a.out, a.data, lines)
+    if a.plots:
+        if shown is None:
+            shown = frames
+            v = predict_values(model, shown.images, shown.state, shown.prompts, shown.task_index)
+        for path in plot_values(shown, v, a.plots):
+            print(f"plot {path}")
     return 0
+
+
+def write_value_readme(out: str | Path, data: str, lines: list[str]) -> Path:
+    """The bundle's README.md: what it was trained on, the normalisation and the held-out figures."""
+    path = Path(out) / "README.md"
+    path.write_text("\n".join([
+        "# RECAP value function", "",
+        f"`recap-train-value {data}`: p(V | o, l) over 201 bins of the normalised return clip(R_t / M, -1, 0), "
+        "M and C_fail per episode from the data's metadata.", "", "```", *lines, "```", "",
+        "C_fail: with C_fail >= M (the export's default C_fail = M) every frame of a failed episode has the target "
+        "-1 (bin 0), so V is not taught progress inside a failure; the failures' Spearman rho above measures "
+        "how much it ranks their frames anyway (see docs/ARCHITECTURE.md, RECAP labels).", ""]))
+    return path
 
 
 def label_main(argv=None) -> int:
@@ -124,8 +163,8 @@ def label_main(argv=None) -> int:
         frames = load_frames(a.data, model.cfg.backbone.image_size, stride=a.stride, max_len=a.max_len)
         v = predict_values(model, frames.images, frames.state, frames.prompts, frames.task_index)
         lab = advantage.label(v, frames.episode_index, frames.task_index, frames.intervention, frames.max_len,
-                              a.mode, a.positive_fraction, ret=frames.ret, frame_index=frames.frame_index,
-                              return_normalized=frames.return_normalized, n=a.n, seed=a.seed)
+                              a.mode, a.positive_fraction, ret=frames.ret, frame_index=frames.frame_index, n=a.n,
+                              seed=a.seed)
         write_labels(a.out, frames, lab.advantage, lab.indicator, lab.thresholds, a.mode)
     except (ValueError, OSError, RuntimeError) as e:
         return _fail(p.prog, e)
@@ -134,7 +173,7 @@ def label_main(argv=None) -> int:
                       "positive_autonomous": round(lab.positive_fraction(auto), 4),
                       "interventions": int(frames.intervention.sum()),
                       "thresholds": {frames.prompts[k]: round(t, 5) for k, t in lab.thresholds.items()},
-                      "out": a.out}))
+                      "normalisation": frames.normalisation(), "out": a.out}))
     if a.plots:
         for path in plot_values(frames, v, a.plots):
             print(f"plot {path}")

@@ -17,7 +17,7 @@ from recap_ros import imaging
 from recap_ros.recap import returns as rt
 
 FIELDS = ("images", "state", "action_chunk", "intervention", "episode_index", "frame_index", "task_index", "ret",
-          "return_normalized", "return_bin", "episode_success")
+          "return_normalized", "return_bin", "episode_success", "max_len", "c_fail")
 
 
 @dataclass
@@ -34,7 +34,8 @@ class Frames:
     return_normalized: np.ndarray  # (N,) float64
     return_bin: np.ndarray        # (N,) int64
     episode_success: np.ndarray   # (N,) bool
-    max_len: int                  # the task's maximum episode length (steps) the returns were normalised by
+    max_len: np.ndarray           # (N,) int64: the episode's task maximum length M (steps), return_normalized's unit
+    c_fail: np.ndarray            # (N,) float64: the episode's failure cost C_fail on its final step
     indicator: np.ndarray | None = field(default=None)  # (N,) bool, set by labelling
     goal: np.ndarray | None = field(default=None)  # (N, G) float32: the task's goal where known (sim: target xyz)
 
@@ -49,6 +50,20 @@ class Frames:
                 raise ValueError(f"Frames.{name} has {len(col)} rows, state has {n}")
         if n and (self.task_index.min() < 0 or self.task_index.max() >= len(self.prompts)):
             raise ValueError(f"task_index out of range for {len(self.prompts)} prompts")
+        if n:
+            self._check_units()
+
+    def _check_units(self) -> None:
+        """return_normalized must be clip(ret / max_len, -1, 0) frame by frame: one normalisation, no unit mix."""
+        if self.max_len.min() <= 0:
+            i = int(np.argmin(self.max_len))
+            raise ValueError(f"episode {self.episode_index[i]}: max episode length {self.max_len[i]} is not > 0")
+        bad = np.flatnonzero(np.abs(rt.normalise(self.ret, self.max_len) - self.return_normalized) > 1e-5)
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"episode {self.episode_index[i]} frame {self.frame_index[i]}: return_normalized "
+                             f"{self.return_normalized[i]:.6g} is not clip(return {self.ret[i]:.6g} / max_len "
+                             f"{self.max_len[i]}, -1, 0) ({bad.size} frames disagree)")
 
     def __len__(self) -> int:
         return len(self.state)
@@ -57,16 +72,27 @@ class Frames:
     def num_episodes(self) -> int:
         return len(np.unique(self.episode_index))
 
+    def normalisation(self) -> dict[str, dict[str, list]]:
+        """Per task (prompt): the distinct max lengths M and failure costs C_fail of its episodes."""
+        return {self.prompts[k]: {"max_len": sorted(set(self.max_len[self.task_index == k].tolist())),
+                                  "c_fail": sorted(set(self.c_fail[self.task_index == k].tolist()))}
+                for k in np.unique(self.task_index)}
+
+    def subset(self, mask: np.ndarray) -> Frames:
+        """The frames where ``mask`` is true (prompts and indices unchanged)."""
+        m = np.asarray(mask, bool)
+        cols = {k: getattr(self, k)[m] for k in FIELDS + ("indicator", "goal") if getattr(self, k) is not None}
+        return replace(self, **cols)
+
     def with_indicator(self, indicator: np.ndarray) -> Frames:
         return replace(self, indicator=np.asarray(indicator, bool))
 
 
 def concat(parts: list[Frames]) -> Frames:
-    """Join frame sets; episode and task indices are renumbered so they stay unique."""
+    """Join frame sets; episode and task indices are renumbered so they stay unique. Every frame keeps its own
+    episode's max length and C_fail, so sets of tasks (or datasets) with different lengths join."""
     if not parts:
         raise ValueError("nothing to concatenate")
-    if len({p.max_len for p in parts}) != 1:
-        raise ValueError(f"frame sets normalised by different max lengths {[p.max_len for p in parts]}")
     prompts: list[str] = []
     for p in parts:
         prompts += [x for x in p.prompts if x not in prompts]
@@ -81,7 +107,7 @@ def concat(parts: list[Frames]) -> Frames:
         kw["episode_index"][-1] = ep + offset
         offset += int(ep.max()) + 1 if len(ep) else 0
         kw["task_index"][-1] = np.array([prompts.index(p.prompts[i]) for i in p.task_index], np.int64)
-    return Frames(prompts=prompts, max_len=parts[0].max_len,
+    return Frames(prompts=prompts,
                   indicator=None if ind is None else np.concatenate(ind),
                   goal=None if goal is None else np.concatenate(goal),
                   **{k: np.concatenate(v) for k, v in kw.items()})
@@ -123,7 +149,7 @@ def episode_frames(images: np.ndarray, ticks: np.ndarray, state: np.ndarray, act
                   frame_index=ticks, task_index=np.zeros(n, np.int64), prompts=[prompt],
                   ret=lab["return"][ticks], return_normalized=lab["return_normalized"][ticks],
                   return_bin=lab["return_bin"][ticks], episode_success=np.full(n, bool(success)),
-                  max_len=int(max_len),
+                  max_len=np.full(n, int(max_len), np.int64), c_fail=np.full(n, float(c_fail)),
                   goal=None if goal is None else np.tile(np.asarray(goal, np.float32).ravel(), (n, 1)))
 
 
@@ -138,15 +164,15 @@ def save_frames(frames: Frames, path) -> None:
     for name in ("indicator", "goal"):
         if getattr(frames, name) is not None:
             arrays[name] = getattr(frames, name)
-    np.savez(path, prompts=np.array(frames.prompts), max_len=np.array(frames.max_len), **arrays)
+    np.savez(path, prompts=np.array(frames.prompts), **arrays)
 
 
 def load_frames_npz(path) -> Frames:
     with np.load(path, allow_pickle=False) as z:
-        missing = [k for k in FIELDS + ("prompts", "max_len") if k not in z.files]
+        missing = [k for k in FIELDS + ("prompts",) if k not in z.files]
         if missing:
-            raise ValueError(f"{path}: not a frames file (missing {missing})")
-        return Frames(prompts=[str(p) for p in z["prompts"]], max_len=int(z["max_len"]),
+            raise ValueError(f"{path}: not a frames file of this version (missing {missing}); write it again")
+        return Frames(prompts=[str(p) for p in z["prompts"]],
                       indicator=z["indicator"] if "indicator" in z.files else None,
                       goal=z["goal"] if "goal" in z.files else None,
                       **{k: z[k] for k in FIELDS})

@@ -2,8 +2,11 @@
 
 Training data is either an exported LeRobot dataset (``recap-export``; read with
 :class:`recap_ros.export.dataset.RecapDataset`) or a frames cache (.npz) written by ``recap-sim-demos`` /
-the sim iteration bench. Labels (``recap-label``) are a parquet table keyed by (episode_index, frame_index) with
-the advantage and the indicator, joined back onto the frames by ``recap-train-policy``.
+the sim iteration bench. Each episode's maximum length M and C_fail come from where its returns were made: the
+dataset's ``meta/episodes`` (``recap/max_len``, ``recap/c_fail``, written by the export) or the cache's
+per-frame columns; they are never inferred or given again. Labels (``recap-label``) are a parquet table keyed
+by (episode_index, frame_index) with the advantage and the indicator, joined back onto the frames by
+``recap-train-policy``.
 """
 from __future__ import annotations
 
@@ -19,28 +22,45 @@ IMAGE_KEY = "observation.images.{role}"
 ROLES = ("base", "left_wrist", "right_wrist")
 
 
-def _max_len(ret: np.ndarray, ret_norm: np.ndarray) -> int:
-    """The normalisation length export used: R / R_norm on unclipped, non-zero returns."""
-    ok = (ret_norm > -1.0 + 1e-6) & (ret_norm < -1e-9)
-    if not ok.any():
-        raise ValueError("cannot infer the task's maximum episode length from the returns; pass --max-len")
-    return round(float(np.median(ret[ok] / ret_norm[ok])))
+def check_max_len(given: int | None, stored: np.ndarray, source, episode: np.ndarray, task: list[str]) -> None:
+    """A given max length must be the one the data's returns were normalised by (else labels mix units);
+    ``stored``, ``episode``, ``task``: per episode or per frame."""
+    if given is None:
+        return
+    bad = np.flatnonzero(np.asarray(stored) != given)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"--max-len {given} differs from the max length {stored[i]} that {source} stores for "
+                         f"episode {episode[i]} ('{task[i]}'); leave --max-len out")
+
+
+def _normalisation(ds, ep: int) -> tuple[int, float, str]:
+    """(M, C_fail, task) of one dataset episode, from meta/episodes."""
+    meta = ds.episode_meta(ep)
+    missing = [k for k in ("recap/max_len", "recap/c_fail") if meta.get(k) is None]
+    if missing:
+        raise ValueError(f"{ds.root}/meta/episodes: episode {ep} has no {missing}; export it again with recap-export")
+    return int(meta["recap/max_len"]), float(meta["recap/c_fail"]), meta["tasks"][0]
 
 
 def load_frames(source: str | Path, image_size: int, chunk_len: int = 50, stride: int = 1,
                 max_len: int | None = None, progress: bool = True) -> Frames:
-    """Frames from a .npz frames cache or a LeRobot dataset directory (every ``stride``-th frame + the last)."""
+    """Frames from a .npz frames cache or a LeRobot dataset directory (every ``stride``-th frame + the last).
+    ``max_len``: a check only; refused unless every episode's stored M equals it."""
     source = Path(source)
     if source.suffix == ".npz":
         f = load_frames_npz(source)
         if f.images.shape[2] != image_size:
             raise ValueError(f"{source}: images are {f.images.shape[2]} px, the model takes {image_size}")
+        check_max_len(max_len, f.max_len, source, f.episode_index, [f.prompts[k] for k in f.task_index])
         return f
     from tqdm import tqdm
 
     from recap_ros.export.dataset import RecapDataset
 
     ds = RecapDataset(source, image_size=(image_size, image_size))
+    norm = [_normalisation(ds, ep) for ep in range(ds.num_episodes)]
+    check_max_len(max_len, [m for m, _, _ in norm], source, range(ds.num_episodes), [t for _, _, t in norm])
     keys = [IMAGE_KEY.format(role=r) for r in ROLES]
     parts = []
     for ep in tqdm(range(ds.num_episodes), desc="load", disable=not progress, dynamic_ncols=True):
@@ -49,17 +69,24 @@ def load_frames(source: str | Path, image_size: int, chunk_len: int = 50, stride
         if T == 0:
             continue
         keep = kept_ticks(T, stride)
+        n = len(keep)
+        M, c_fail, _ = norm[ep]
         imgs = ds.images(ep, keys)
         ret, rn = np.asarray(e["return"], np.float64).reshape(-1), np.asarray(e["return_normalized"]).reshape(-1)
-        parts.append(Frames(
+        cols = dict(
             images=np.stack([imgs[k][keep] for k in keys], 1), state=e["observation.state"][keep].astype(np.float32),
             action_chunk=chunks(e["action"].astype(np.float32), chunk_len)[keep],
             intervention=e["intervention"].reshape(-1).astype(bool)[keep],
-            episode_index=np.full(len(keep), ep, np.int64), frame_index=keep.astype(np.int64),
-            task_index=np.zeros(len(keep), np.int64), prompts=[e["task"]], ret=ret[keep],
-            return_normalized=rn[keep].astype(np.float64), return_bin=e["return_bin"].reshape(-1)[keep].astype(np.int64),
+            episode_index=np.full(n, ep, np.int64), frame_index=keep.astype(np.int64),
+            task_index=np.zeros(n, np.int64), prompts=[e["task"]], ret=ret[keep],
+            return_normalized=rn[keep].astype(np.float64),
+            return_bin=e["return_bin"].reshape(-1)[keep].astype(np.int64),
             episode_success=e["episode_success"].reshape(-1).astype(bool)[keep],
-            max_len=int(max_len or _max_len(ret, rn))))
+            max_len=np.full(n, M, np.int64), c_fail=np.full(n, c_fail))
+        try:
+            parts.append(Frames(**cols))
+        except ValueError as err:  # e.g. returns normalised by another length than meta/episodes says
+            raise ValueError(f"{source}: {err}") from None
     if not parts:
         raise ValueError(f"{source}: no frames")
     return concat(parts)

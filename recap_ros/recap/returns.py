@@ -33,10 +33,12 @@ def returns(r: np.ndarray) -> np.ndarray:
     return np.cumsum(np.asarray(r, dtype=np.float64)[::-1])[::-1].copy()
 
 
-def normalise(R: np.ndarray, max_len: int) -> np.ndarray:
-    if max_len <= 0:
-        raise ValueError(f"max episode length must be > 0 (got {max_len})")
-    return np.clip(np.asarray(R, dtype=np.float64) / max_len, -1.0, 0.0)
+def normalise(R: np.ndarray, max_len: int | np.ndarray) -> np.ndarray:
+    """clip(R / max_len, -1, 0); ``max_len`` one length or one per step."""
+    M = np.asarray(max_len)
+    if np.any(M <= 0):
+        raise ValueError(f"max episode length must be > 0 (got {M.min()})")
+    return np.clip(np.asarray(R, dtype=np.float64) / M, -1.0, 0.0)
 
 
 def bin_values(num_bins: int = NUM_BINS) -> np.ndarray:
