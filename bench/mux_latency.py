@@ -217,7 +217,7 @@ def run_mode(st, hogs: int, duration: float, switch_every: float) -> dict:
 
 
 def core_cost_us(st, n: int = 20000) -> float:
-    """CPU cost of the ROS-free arbitration per forwarded command (on_command + tick), microseconds."""
+    """CPU cost of the ROS-free arbitration per forwarded command (on_joint_state + on_command + tick), µs."""
     from recap_ros.control.mux import TeleopMux
 
     m = TeleopMux(st.mux, st.robot)
@@ -226,6 +226,7 @@ def core_cost_us(st, n: int = 20000) -> float:
     t0 = time.perf_counter()
     for i, q in enumerate(qs):
         now = i * st.robot.period_s
+        m.on_joint_state(q, now)
         m.on_command("policy", q, now)
         m.tick(now)
     return (time.perf_counter() - t0) / n * 1e6

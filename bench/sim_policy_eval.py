@@ -34,7 +34,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def evaluate(bundle: str, episodes: int, first_seed: int = HELD_OUT_SEED, backend: str = "auto",
-             beta: float = 1.0, station_name: str = "sim", progress: bool = True, desc: str = "eval"):
+             beta: float = 1.0, station_name: str = "sim", progress: bool = True, desc: str = "eval",
+             delays=(0,)):
+    """``delays``: inference delays in ticks to draw from (the live station's; see Roller)."""
     from recap_ros.policy import load_policy
     from recap_ros.recap.rollout import Roller, rollouts
     from recap_ros.station import load_station
@@ -42,7 +44,7 @@ def evaluate(bundle: str, episodes: int, first_seed: int = HELD_OUT_SEED, backen
     station = load_station(station_name)
     policy = load_policy(bundle, backend=backend)
     policy.check_station(station)
-    roller = Roller(station, policy.info.image_size, policy, beta=beta, corrector=False)
+    roller = Roller(station, policy.info.image_size, policy, beta=beta, corrector=False, delays=delays)
     t0 = time.perf_counter()
     summary = rollouts(roller, range(first_seed, first_seed + episodes), progress=progress, desc=desc)
     return summary, time.perf_counter() - t0
@@ -110,13 +112,16 @@ def main(argv=None) -> int:
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="20 episodes")
+    p.add_argument("--delays", type=int, nargs="+", default=[1, 2],
+                   help="inference delay in ticks, drawn per chunk (the live sim station measures d = 1-2; "
+                        "bench/station_eval.py passes its own run's)")
     p.add_argument("--sensitivity", action="store_true", help="also measure whether the policy uses views / prompt")
     a = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(a.threads)
     n = 20 if a.quick else a.episodes
-    summary, wall = evaluate(a.bundle, n, a.first_seed, a.backend, a.beta)
+    summary, wall = evaluate(a.bundle, n, a.first_seed, a.backend, a.beta, delays=a.delays)
     report(f"{a.bundle} (beta {a.beta})", summary, wall)
     if a.sensitivity:
         m = sensitivity(a.bundle, first_seed=a.first_seed, backend=a.backend)

@@ -136,10 +136,16 @@ def positions_from_float_array(msg: Float64MultiArray, n_joints: int) -> np.ndar
     return np.asarray(msg.data, dtype=np.float64)
 
 
-def command_msg(command_type: str, names: Sequence[str], positions: np.ndarray, stamp_ns: int):
-    """A joint-position command as the station's command_type ("joint_state" or "float64_multi_array")."""
+def command_msg(command_type: str, names: Sequence[str], positions: np.ndarray, stamp_ns: int,
+                source: str = ""):
+    """A joint-position command as the station's command_type ("joint_state" or "float64_multi_array").
+    ``source``: the mux input that produced it (or "hold"), carried as a JointState's header.frame_id (a
+    joint-space command has no coordinate frame; drivers ignore it), so a recording tells, per command, who
+    drove. A Float64MultiArray has no header: it carries no source."""
     if command_type == "joint_state":
-        return joint_state_msg(names, positions, stamp_ns)
+        msg = joint_state_msg(names, positions, stamp_ns)
+        msg.header.frame_id = source
+        return msg
     if command_type == "float64_multi_array":
         return float_array_msg(positions)
     raise MessageError(f"unknown command type '{command_type}'")

@@ -154,6 +154,9 @@ class Mux:
     intervention_topic: str
     inputs: tuple[MuxInput, ...]
     locks: tuple[MuxLock, ...]
+    joint_state_timeout_s: float = 0.2  # no joint state for this long -> hold (the robot's position is unknown)
+    tracking_tolerance_s: float = 0.15  # output farther than max_velocity * this from the measured position ->
+    #                                     re-anchored at the measured position (the robot was moved or reset)
 
     def input(self, name: str) -> MuxInput:
         for i in self.inputs:
@@ -180,6 +183,7 @@ class Sim:
     corrector: bool
     corrector_patience_s: float
     render_scale: float
+    corrector_input: str = "corrector"  # the mux input the scripted corrector drives (human, below teleop)
 
 
 @dataclass(frozen=True)
@@ -453,7 +457,9 @@ def _mux(r: _Reader, policy_topic: str) -> Mux:
         raise r.fail("override_input", override_input, f"must be one of {sorted(names)}")
     return Mux(default, r.topic("mode_topic", "/mux/mode"), r.topic("override_topic", "/teleop/override"),
                override_input, r.topic("active_topic", "/mux/active_source"),
-               r.topic("intervention_topic", "/mux/intervention"), tuple(inputs), tuple(locks))
+               r.topic("intervention_topic", "/mux/intervention"), tuple(inputs), tuple(locks),
+               joint_state_timeout_s=r.num("joint_state_timeout_s", 0.2, lo=0.0, lo_open=True),
+               tracking_tolerance_s=r.num("tracking_tolerance_s", 0.15, lo=0.0, lo_open=True))
 
 
 def _recorder(r: _Reader) -> Recorder:
@@ -473,7 +479,8 @@ def _sim(r: _Reader) -> Sim:
                reset_pause_s=r.num("reset_pause_s", 0.5, lo=0.0),
                corrector=r.bool("corrector", True),
                corrector_patience_s=r.num("corrector_patience_s", 4.0, lo=0.0, lo_open=True),
-               render_scale=r.num("render_scale", 1.0, lo=0.0, lo_open=True, hi=1.0))
+               render_scale=r.num("render_scale", 1.0, lo=0.0, lo_open=True, hi=1.0),
+               corrector_input=r.str("corrector_input", "corrector", pattern=_NAME_RE))
 
 
 def parse_station(data: Any, file: str = "<station>") -> Station:
@@ -505,6 +512,12 @@ def parse_station(data: Any, file: str = "<station>") -> Station:
         episode_topic=root.topic("episode_topic", "/episode/events"),
         robot=robot, cameras=tuple(cams), policy=policy, mux=_mux(root.sub("mux"), policy.command_topic),
         recorder=_recorder(root.sub("recorder", {})), sim=sim if rtype == "sim" else None, raw=data)
+    if rtype == "sim" and sim.corrector:
+        human = [i.name for i in station.mux.inputs if i.human and i.name != station.mux.override_input]
+        if sim.corrector_input not in human:
+            raise root.fail("sim.corrector_input", sim.corrector_input,
+                            f"the scripted corrector needs a human mux input of its own (not the override input "
+                            f"'{station.mux.override_input}'); human inputs: {human}")
     root.refuse_unknown()
     return station
 

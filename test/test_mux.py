@@ -43,11 +43,14 @@ def ready_mux(st, q0=None):
     return m
 
 
-def run(m, clock, n, feeds=()):
-    """n ticks; before each, every (name, positions) in feeds publishes. Returns the Tick list."""
+def run(m, clock, n, feeds=(), robot=True):
+    """n ticks; before each, every (name, positions) in feeds publishes and (robot=True) an ideal robot
+    reports that it is at the last output. Returns the Tick list."""
     out = []
     for _ in range(n):
         now = clock(DT)
+        if robot and m.ready:
+            m.on_joint_state(m.output, now)
         for name, q in feeds:
             m.on_command(name, q, now)
         out.append(m.tick(now))
@@ -215,6 +218,7 @@ def test_handover_is_step_limited_every_tick_including_early_ticks(st):
     prev, last_t = m.output.copy(), clock()
     for i in range(200):
         now = clock(DT if i % 3 else DT / 4)  # some early (tick-aligned) ticks, 5 ms after the previous one
+        m.on_joint_state(prev, now)  # an ideal robot, at the last command
         m.on_command("teleop", far, now)
         t = m.tick(now)
         assert np.all(np.abs(t.positions - prev) <= vmax * min(now - last_t, DT) + 1e-12)
@@ -279,3 +283,61 @@ def test_switch_pending_for_mode_override_lock_changes_and_preemption_until_the_
     run(m, clock, 15, [pol])
     m.on_command("teleop", np.full(14, 0.02), clock(0.004))  # preemption
     assert m.switch_pending and m.tick(clock()).source == "teleop"
+
+
+# ------------------------------------------------------------------ the measured position (joint states)
+def test_hold_holds_the_measured_position_taken_when_the_hold_began(st):
+    m, clock = ready_mux(st), Clock()
+    run(m, clock, 3, [("policy", np.full(14, 0.1))], robot=False)  # robot still measured at 0.0
+    assert m.output[0] == pytest.approx(0.1)
+    now = clock(0.25)  # policy silent for > 0.2 s: hold
+    m.on_joint_state(np.full(14, 0.07), now)  # the robot lags its command by 0.03
+    t = m.tick(now)
+    assert t.source == HOLD
+    np.testing.assert_allclose(t.positions, 0.07)  # where the robot is, not the last command (0.1)
+
+
+def test_robot_moved_while_held_reanchors_at_its_measured_position(st):
+    m, clock = ready_mux(st), Clock()
+    m.on_mode("hold")
+    run(m, clock, 2)
+    moved = np.zeros(14)
+    moved[1] = 1.0  # shoulder moved by hand / an episode reset: 1.0 rad > 2 rad/s * 0.15 s = 0.3 rad
+    now = clock(DT)
+    m.on_joint_state(moved, now)
+    t = m.tick(now)
+    np.testing.assert_array_equal(t.positions, moved)  # never a command back toward the old position
+    assert m.stats.reanchors == 1
+    assert any("re-anchored" in e and "left_shoulder commanded 0.000, measured 1.000" in e for e in m.drain_events())
+    small = moved.copy()
+    small[1] = 1.2  # within tolerance of the hold: the hold stays at 1.0
+    now = clock(DT)
+    m.on_joint_state(small, now)
+    assert m.tick(now).positions[1] == pytest.approx(1.0) and m.stats.reanchors == 1
+
+
+def test_resume_starts_from_the_measured_position_at_the_velocity_limit(st):
+    m, clock = ready_mux(st), Clock()
+    m.on_mode("hold")
+    run(m, clock, 2)
+    now = clock(DT)
+    q = np.zeros(14)
+    q[0] = 0.2  # pushed 0.2 rad while held (inside the 0.3 rad tolerance)
+    m.on_joint_state(q, now)
+    m.on_command("policy", np.full(14, 0.5), now)
+    m.on_mode("policy")
+    t = m.tick(now)
+    # from the measured 0.2 (not the held 0.0), one 20 ms step at 2 rad/s = 0.04 toward 0.5
+    assert t.source == "policy" and t.positions[0] == pytest.approx(0.24)
+    assert t.positions[3] == pytest.approx(0.06)  # forearm roll 3 rad/s: 0.06 from its measured 0.0
+
+
+def test_stale_joint_states_hold(st):
+    m, clock = ready_mux(st), Clock()
+    run(m, clock, 3, [("policy", np.full(14, 0.01))])
+    held = m.output.copy()
+    ticks = run(m, clock, 15, [("policy", np.full(14, 0.2))], robot=False)  # no joint state for 300 ms
+    assert ticks[-1].source == HOLD and "joint states stale" in ticks[-1].reason
+    assert [t.source for t in ticks].count("policy") == 10  # 200 ms = joint_state_timeout_s, then hold
+    np.testing.assert_allclose(ticks[-1].positions, ticks[9].positions)
+    assert np.all(np.abs(ticks[-1].positions - held) <= 10 * 0.04 + 1e-9)

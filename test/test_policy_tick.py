@@ -125,3 +125,23 @@ def test_mux_hand_back_replans_from_the_current_state():
     assert len(s.kinds("plan")) == plans + 1
     assert np.array_equal(s.kinds("plan")[-1][2], s.q), "planned from the current joint state"
     assert ("log", "mux handed control back: re-planning from the current state") in s.reports
+
+
+def test_episode_end_publishes_nothing_and_start_waits_for_observations_of_the_new_episode():
+    s = Station.executing(10)
+    assert s.commands[-1] is not None
+    s.tick.event("episode", False, s.now)
+    s.step(3)
+    assert s.commands[-3:] == [None, None, None]  # between episodes: the mux holds the robot, not us
+    start = s.now + 5 * MS  # the next episode starts between two ticks
+    s.q = np.full(N, -0.4)  # ... at a new pose (grippers 0.4: inside their 0..1 range)
+    s.q[[6, 13]] = 0.4
+    s.tick.event("episode", True, start)
+    plans = len(s.kinds("plan"))
+    s.step()  # observations stamped before the start: nothing published, nothing planned
+    assert s.commands[-1] is None and len(s.kinds("plan")) == plans
+    assert "joint_states message of the new episode" in s.kinds("hold")[-1][1]
+    s.step()  # stamped after the start: plan from the new pose, hold it meanwhile
+    assert len(s.kinds("plan")) == plans + 1
+    np.testing.assert_array_equal(s.kinds("plan")[-1][2], s.q)
+    np.testing.assert_array_equal(s.commands[-1], s.q)

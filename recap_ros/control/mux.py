@@ -33,14 +33,25 @@ preempted (an explicit operator stop), and an input masked by an engaged lock do
 
 What is sent
 ------------
-Holding repeats the last commanded position explicitly every tick, with a reason. A command that is NaN/inf,
-has the wrong number of joints or lies outside a joint limit is dropped and counted for its input, and that
-input is treated as having no command (hold) until its next valid message. The output is step-limited on
-every tick: each joint moves at most ``max_velocity * dt`` (dt = time since the previous tick, at most one
-control period) towards the target, so a handover (source switch, lock release, hold -> source) never jumps
-and converges to the new source, and an extra tick between two regular ones never exceeds the velocity
-limits; a source that respects the velocity limits is forwarded unchanged.
-``intervention`` is true while a ``human`` input is the active source.
+The mux follows the measured position (``/joint_states``) for as long as it runs:
+
+* Holding holds the measured position taken when the hold began (not the last command: after a stop the
+  robot stays where it is).
+* Every resume (hold -> an input, a hand-over between inputs) starts from the measured position and moves
+  toward the new source at the velocity limits.
+* When the output is farther than ``max_velocity * tracking_tolerance_s`` from the measured position on any
+  joint (the robot was moved by hand, reset, lost power under an e-stop, its driver restarted), the output is
+  re-anchored at the measured position first (counted as a re-anchor, logged): the robot never receives a
+  command that is not a velocity-limited step from where it is.
+* No joint state for ``joint_state_timeout_s`` -> hold (the last output; the position is unknown).
+
+A command that is NaN/inf, has the wrong number of joints or lies outside a joint limit is dropped and counted
+for its input, and that input is treated as having no command (hold) until its next valid message. The output
+is step-limited on every tick: each joint moves at most ``max_velocity * dt`` (dt = time since the previous
+tick, at most one control period) towards the target, so a handover never jumps and converges to the new
+source, and an extra tick between two regular ones never exceeds the velocity limits; a source that respects
+the velocity limits is forwarded unchanged. ``intervention`` is true while a ``human`` input is the active
+source; every :class:`Tick` names the source its command came from.
 
 When to tick
 ------------
@@ -113,6 +124,7 @@ class MuxStats:
     switches: int = 0
     rejected_modes: int = 0
     preemptions: int = 0
+    reanchors: int = 0  # output moved to the measured position (it was farther than the tracking tolerance)
     events: list[str] = field(default_factory=list)  # log lines since the last drain
 
 
@@ -127,6 +139,7 @@ class TeleopMux:
         self.lower = np.asarray(robot.lower, dtype=np.float64)
         self.upper = np.asarray(robot.upper, dtype=np.float64)
         self.max_velocity = np.asarray(robot.max_velocity, dtype=np.float64)
+        self.tolerance = self.max_velocity * mux.tracking_tolerance_s  # per joint
         self.period_s = robot.period_s
         self.inputs = {i.name: _InputState(i) for i in mux.inputs}
         self.locks = {lk.name: _LockState(lk) for lk in mux.locks}
@@ -134,6 +147,9 @@ class TeleopMux:
         self.override = False
         self.stats = MuxStats()
         self.output: np.ndarray | None = None
+        self.measured: np.ndarray | None = None  # newest joint state (clamped into the limits)
+        self.measured_s = -math.inf  # its receive time
+        self.hold_target: np.ndarray | None = None  # what a hold holds: the measured position when it began
         self.source = HOLD
         self.intervention = False
         self.reason = "no joint state received yet"
@@ -147,15 +163,17 @@ class TeleopMux:
         return self.output is not None
 
     def on_joint_state(self, positions, now: float) -> str | None:
-        """Sets the initial hold position from the first valid joint state; returns an error or None.
-        Positions slightly outside a limit are clamped into it (a command must never leave the limits)."""
-        if self.ready:
-            return None
+        """A measured position (every ``/joint_states`` message); returns an error or None. The first one is
+        the initial hold position. Positions slightly outside a limit are clamped into it (a command must never
+        leave the limits)."""
         q = np.asarray(positions, dtype=np.float64)
         if q.shape != (len(self.names),) or not np.all(np.isfinite(q)):
-            return f"joint state not usable as the initial hold position: {q.tolist()}"
+            return f"joint state not usable as a measured position: {q.tolist()}"
         clamped = np.clip(q, self.lower, self.upper)
-        self.output = clamped
+        self.measured, self.measured_s = clamped, now
+        if self.ready:
+            return None
+        self.output, self.hold_target = clamped.copy(), clamped.copy()
         self._event(f"initial hold position from joint states: {np.round(clamped, 4).tolist()}")
         moved = [f"{n} {a:.4f}->{b:.4f}" for n, a, b in zip(self.names, q, clamped) if a != b]
         if moved:
@@ -275,7 +293,28 @@ class TeleopMux:
         if not self.ready:
             return Tick(None, HOLD, False, self.reason, False, False)
         source, reason = self.arbitrate(now)
-        target = self.output if source == HOLD else self.inputs[source].positions
+        measured_age = now - self.measured_s
+        known = measured_age <= self.mux.joint_state_timeout_s
+        if not known:
+            source, reason = HOLD, (f"joint states stale (last {measured_age:.3f} s ago > "
+                                    f"{self.mux.joint_state_timeout_s} s): robot position unknown")
+        began = source != self.source
+        if known:
+            far = np.flatnonzero(np.abs(self.output - self.measured) > self.tolerance)
+            if far.size:
+                self.stats.reanchors += 1
+                self._event("output re-anchored at the measured position: " + ", ".join(
+                    f"{self.names[i]} commanded {self.output[i]:.3f}, measured {self.measured[i]:.3f}"
+                    for i in far[:4]) + (f" (+{far.size - 4} joints)" if far.size > 4 else ""))
+                self.output, began = self.measured.copy(), True
+            elif began:  # a resume or hand-over starts where the robot is
+                self.output = self.measured.copy()
+        if source == HOLD:
+            if began:
+                self.hold_target = self.output.copy()
+            target = self.hold_target
+        else:
+            target = self.inputs[source].positions
         dt = self.period_s if self._last_tick_s is None else min(max(now - self._last_tick_s, 0.0), self.period_s)
         step = self.max_velocity * dt
         out = self.output + np.clip(target - self.output, -step, step)
@@ -300,6 +339,8 @@ class TeleopMux:
               "override": str(self.override), "hold_reason": self.reason, "converging": str(self.converging),
               "ticks": str(self.stats.ticks), "hold_ticks": str(self.stats.hold_ticks),
               "switches": str(self.stats.switches), "preemptions": str(self.stats.preemptions),
+              "reanchors": str(self.stats.reanchors),
+              "joint_state_age_s": "never" if math.isinf(self.measured_s) else f"{now - self.measured_s:.3f}",
               "rejected_modes": str(self.stats.rejected_modes)}
         for name, st in self.inputs.items():
             kv[f"{name}.received"] = str(st.received)

@@ -1,8 +1,8 @@
 """policy_server's 50 Hz control tick as a ROS-free state machine.
 
-Inputs are events: ``start`` / ``stop``, ``reset`` (new prompt), ``active`` (the mux's active source),
-``joint`` (measured position + stamp), ``image`` (camera i's newest stamp) and ``result`` (an inference result
-for a plan request). :meth:`PolicyTick.step` runs one tick at a given time and returns the joint command to
+Inputs are events: ``start`` / ``stop``, ``reset`` (new prompt), ``episode`` (an episode started / ended at
+a stamp), ``active`` (the mux's active source), ``joint`` (measured position + stamp), ``image`` (camera i's
+newest stamp) and ``result`` (an inference result for a plan request). :meth:`PolicyTick.step` runs one tick at a given time and returns the joint command to
 publish (or None); everything else it has to say goes to the ``report`` callback as ``(kind, *args)``:
 
 * ``("plan", request, q, now_ns)``: plan a chunk from the observation at now_ns, starting at position q;
@@ -17,6 +17,12 @@ hand-back cannot jump); on hand-back, on start and on reset the running chunk is
 planned from the current joint state. An image or joint state older than ``stale_after_ns`` holds the last
 command, and so do invalid chunks, inference errors and overruns (:mod:`recap_ros.control.stitching`). After a
 failed or rejected plan the next request waits ``retry_ns``.
+
+Episodes (stations that publish episode events, e.g. the sim): between an episode's end and the next start
+nothing is published (the mux's policy input goes stale and the mux holds the robot where it is). After a
+start stamped t, nothing is published and nothing planned until a joint state and a frame of every camera
+stamped at or after t have arrived: the first chunk of an episode is never planned from the previous
+episode's views or pose. Without episode events the tick is always in an episode.
 """
 from __future__ import annotations
 
@@ -43,7 +49,7 @@ class TickConfig:
 
 
 class PolicyTick:
-    EVENTS = ("start", "stop", "reset", "active", "joint", "image", "result")
+    EVENTS = ("start", "stop", "reset", "episode", "active", "joint", "image", "result")
 
     def __init__(self, cfg: TickConfig, report: Callable[..., None]):
         self.cfg, self.report = cfg, report
@@ -51,6 +57,8 @@ class PolicyTick:
         self.running = False
         self.in_control = True
         self._need_reset = True
+        self.in_episode = True
+        self._episode_start_ns = 0  # observations must be stamped at or after this to plan the episode's start
         self._retry_at_ns = 0
         self._images: list[int | None] = [None] * len(cfg.image_topics)
         self._joint: tuple[np.ndarray, int] | None = None
@@ -74,6 +82,13 @@ class PolicyTick:
     def _on_reset(self) -> None:
         self._need_reset = True
 
+    def _on_episode(self, started: bool, stamp_ns: int) -> None:
+        self.in_episode = bool(started)
+        if started:
+            self._need_reset, self._episode_start_ns = True, int(stamp_ns)
+        else:
+            self.core.hold("between episodes")
+
     def _on_active(self, source: str) -> None:
         in_control = source == POLICY_INPUT
         if in_control and not self.in_control:
@@ -94,7 +109,7 @@ class PolicyTick:
     def step(self, periods: int, now_ns: int) -> np.ndarray | None:
         """One control tick covering ``periods`` periods (more than 1 after a miss) at now_ns: the command."""
         self._apply_results(now_ns)
-        if not self.running:
+        if not self.running or not self.in_episode:
             return None
         core, joint = self.core, self._joint
         joint_fresh = joint is not None and now_ns - joint[1] <= self.cfg.stale_after_ns
@@ -103,6 +118,10 @@ class PolicyTick:
                 core.reset(joint[0])  # follow the robot: the hand-back starts where it is
             return self._command(core.step(periods))
         if self._need_reset:
+            old = self.older_than_episode()
+            if old:  # publish nothing: the held command would be the previous episode's
+                self._report_hold(old)
+                return None
             if not joint_fresh:
                 self._report_hold(self.stale_reason(now_ns) or "waiting for a joint state")
                 return self._command(core.step(periods))
@@ -134,6 +153,16 @@ class PolicyTick:
             return f"no joint state yet on {self.cfg.joint_states_topic}"
         if now_ns - self._joint[1] > limit_ns:
             return f"{self.cfg.joint_states_topic} older than {limit}"
+        return None
+
+    def older_than_episode(self) -> str | None:
+        """Which observation still predates the running episode's start (None: all are newer)."""
+        start = self._episode_start_ns
+        if self._joint is None or self._joint[1] < start:
+            return f"waiting for a {self.cfg.joint_states_topic} message of the new episode"
+        for topic, stamp in zip(self.cfg.image_topics, self._images):
+            if stamp is None or stamp < start:
+                return f"waiting for a {topic} frame of the new episode"
         return None
 
     def _report_hold(self, reason: str | None) -> None:

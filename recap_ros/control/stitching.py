@@ -166,17 +166,14 @@ class ChunkExecutor:
 
     # ------------------------------------------------------------------------------------------ control
     def reset(self, q: np.ndarray) -> None:
-        """Start (again) from the measured position q: drop the chunk and any request in flight.
-
-        The first reset starts the command at q; later ones move the command to q at the velocity limit
-        (the stream never jumps, even when the robot was moved by someone else meanwhile).
-        """
+        """Start (again) from the measured position q: drop the chunk and any request in flight; the command
+        is q (where the robot is: after a reset, a hand-back or a move by someone else, commanding the old
+        command would drive the robot back to it)."""
         q = np.asarray(q, dtype=np.float64)
         if q.shape != (self.limits.n,) or not np.all(np.isfinite(q)):
             raise ValueError(f"reset position must be {self.limits.n} finite values, got {q}")
         self._hold_target = self.limits.clamp(q)
-        if self._command is None:
-            self._command = self._hold_target.copy()
+        self._command = self._hold_target.copy()
         self._chunk = self._fade_from = self._fade_start = self._in_flight = None
         self.generation += 1
         self._set_hold(HOLD_NO_CHUNK)

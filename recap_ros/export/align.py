@@ -11,8 +11,11 @@ header stamps. Per tick:
 - action: the robot command in effect at the end of the tick's control period, i.e. the latest command
   stamped before ``tick + period`` (the command sent after observing the tick); valid while it is at
   most ``command_s`` old at that moment.
-- intervention / active source / policy command: latest value at or before the tick (stamps of header-less
-  messages are the bag's receive times).
+- intervention (``True``: the action came from a human input) and whether the policy drove: from the source
+  of the command that gives the action (the mux names it in each JointState command's header.frame_id), so
+  the flag describes exactly the command in the ``action`` column; bags whose commands name no source fall
+  back to the latest ``/mux/intervention`` / ``/mux/active_source`` value at or before the tick (stamps of
+  header-less messages are the bag's receive times). Policy command: the latest one, like the action.
 
 Ticks whose required streams are too old are invalid. Invalid runs at the very start or end of the episode no
 longer than ``edge_s`` are trimmed (streams start/stop a little apart); every other invalid run is a gap,
@@ -147,9 +150,35 @@ def segments(valid: np.ndarray, min_ticks: int = 1) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in _runs(valid) if hi - lo >= min_ticks]
 
 
+def _drivers_from_commands(source: Stream, times: np.ndarray, human_inputs: frozenset[str],
+                           policy_input: str) -> tuple[np.ndarray, np.ndarray]:
+    """(human drove, policy drove) per time, from the source named by the command in effect then."""
+    idx, _ = latest(source, times)
+    src = np.asarray(source.values, dtype=object)[np.maximum(idx, 0)]
+    return (idx >= 0) & np.isin(src, list(human_inputs)), (idx >= 0) & (src == policy_input)
+
+
+def _drivers_from_state(intervention: Stream | None, active_source: Stream | None, ticks: np.ndarray,
+                        policy_input: str) -> tuple[np.ndarray, np.ndarray]:
+    """(human drove, policy drove) per tick from the mux's latched state topics (bags without command
+    sources)."""
+    if intervention is not None and len(intervention):
+        iidx, _ = latest(intervention, ticks)
+        iv = np.asarray(intervention.values, dtype=bool)
+        inter = np.where(iidx >= 0, iv[np.maximum(iidx, 0)], False)
+    else:
+        inter = np.zeros(len(ticks), dtype=bool)
+    if active_source is not None and len(active_source):
+        aidx, _ = latest(active_source, ticks)
+        names = np.asarray(active_source.values, dtype=object)
+        return inter, np.where(aidx >= 0, names[np.maximum(aidx, 0)] == policy_input, ~inter)
+    return inter, ~inter
+
+
 def align_episode(start_ns: int, end_ns: int, rate_hz: float, *, cameras: dict[str, Stream], joints: Stream,
                   command: Stream, policy: Stream | None = None, intervention: Stream | None = None,
                   active_source: Stream | None = None, policy_input: str = "policy",
+                  command_source: Stream | None = None, human_inputs: frozenset[str] = frozenset(),
                   tol: Tolerances = Tolerances(), joint_mode: str = "interpolate") -> Aligned:
     """Align one episode's streams on the control clock; see the module docstring for the rules."""
     if joint_mode not in ("interpolate", "latest"):
@@ -170,18 +199,11 @@ def align_episode(start_ns: int, end_ns: int, rate_hz: float, *, cameras: dict[s
     action, cage = interpolate(command, ticks + period_ns - 1, -1.0)  # -1: never interpolate, latest only
     checks.append(("command", cage, tol.command_s))
 
-    if intervention is not None and len(intervention):
-        iidx, _ = latest(intervention, ticks)
-        iv = np.asarray(intervention.values, dtype=bool)
-        inter = np.where(iidx >= 0, iv[np.maximum(iidx, 0)], False)
+    if command_source is not None and len(command_source):
+        inter, policy_drives = _drivers_from_commands(command_source, ticks + period_ns - 1, human_inputs,
+                                                      policy_input)
     else:
-        inter = np.zeros(len(ticks), dtype=bool)
-    if active_source is not None and len(active_source):
-        aidx, _ = latest(active_source, ticks)
-        names = np.asarray(active_source.values, dtype=object)
-        policy_drives = np.where(aidx >= 0, names[np.maximum(aidx, 0)] == policy_input, ~inter)
-    else:
-        policy_drives = ~inter
+        inter, policy_drives = _drivers_from_state(intervention, active_source, ticks, policy_input)
     if policy is not None and len(policy):
         pact, page = interpolate(policy, ticks + period_ns - 1, -1.0)
         pact[page > tol.command_s] = np.nan  # the policy was not producing commands then

@@ -40,6 +40,7 @@ class EpisodeBag:
     cameras: dict[str, Stream]         # camera name -> Stream(stamps, list of JPEG bytes)
     joints: Stream                     # (n, J) positions in station joint order
     command: Stream                    # (n, J) the command the mux sent to the robot
+    command_source: Stream | None      # (n,) str: the mux input each command came from (JointState frame_id)
     policy: Stream | None              # (n, J) the policy's command
     intervention: Stream | None        # (n,) bool
     active_source: Stream | None       # (n,) str
@@ -164,6 +165,7 @@ def _read(reader: Reader, path: Path, station: Station) -> EpisodeBag:
     cams: dict[str, tuple[list, list]] = {n: ([], []) for n in cam_topics.values()}
     series: dict[str, tuple[list, list]] = {t: ([], []) for t in wanted - set(cam_topics)}
     events, prompts = [], []
+    sources: list[str] = []  # header.frame_id of each robot command: the mux input it came from
     for conn, t_recv, raw in reader.messages(connections=conns):
         topic, mt = conn.topic, conn.msgtype
         if topic in cam_topics:
@@ -191,6 +193,8 @@ def _read(reader: Reader, path: Path, station: Station) -> EpisodeBag:
             except ValueError as e:
                 raise ExportError(path, CORRUPT, str(e)) from None
             st.append(_stamp(msg) if hasattr(msg, "header") else t_recv)
+            if topic == station.robot.command_topic:
+                sources.append(msg.header.frame_id if hasattr(msg, "header") else "")
         else:  # Bool / String state topics: receive time
             vals.append(msg.data)
             st.append(t_recv)
@@ -228,6 +232,11 @@ def _read(reader: Reader, path: Path, station: Station) -> EpisodeBag:
         notes.append("no episode end stamp (recap.end_ns / end event); ending at the last sample")
     if end <= start:
         raise ExportError(path, CORRUPT, f"episode end {end} ns is not after its start {start} ns")
+    cmd_stamps = series[station.robot.command_topic][0]
+    command_source = (Stream.of(cmd_stamps, np.asarray(sources, dtype=object)) if all(sources) else None)
+    if command_source is None:
+        notes.append(f"{station.robot.command_topic} does not name its source (header.frame_id): intervention "
+                     f"from {station.mux.intervention_topic} / {station.mux.active_topic} instead")
     return EpisodeBag(path=path, custom=custom, start_ns=start, end_ns=end, cameras=cameras, joints=joints,
-                      command=command, policy=stream(policy_topic, np.float64), intervention=intervention,
+                      command=command, command_source=command_source, policy=stream(policy_topic, np.float64), intervention=intervention,
                       active_source=stream(station.mux.active_topic), events=events, prompts=prompts, notes=notes)

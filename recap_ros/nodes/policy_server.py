@@ -21,7 +21,9 @@ became of each result, hold changes and a 1 Hz status. The tick process exits wh
 pipe (or dies); if the tick process dies, this node reports ERROR on /diagnostics.
 
 Topics (from the station): subscribes every camera's ``image_raw`` (SENSOR_QOS), ``robot.joint_states_topic``,
-``policy.prompt_topic`` and ``policy.beta_topic`` (latched), ``mux.active_topic`` (latched); publishes
+``policy.prompt_topic`` and ``policy.beta_topic`` (latched), ``mux.active_topic`` (latched), the station's
+``episode_topic`` (start: its prompt and a re-plan from observations newer than the start; end: no commands
+until the next start); publishes
 ``policy.command_topic`` (``robot.command_type``, from the tick process) every tick while started,
 ``policy.chunk_topic`` (JointTrajectory, stamp = observation time) and ``policy.stats_topic`` per accepted
 chunk, ``/diagnostics``. Services ``~/start`` and ``~/stop`` (std_srvs/Trigger). Nothing is published before a
@@ -36,6 +38,7 @@ refused), ``gil_switch_interval_ms``, ``retry_after_s``, ``inference_threads``, 
 from __future__ import annotations
 
 import gc
+import json
 import multiprocessing as mp
 import queue
 import signal
@@ -252,6 +255,8 @@ class PolicyServer(Node):
         self.create_subscription(String, pol.prompt_topic, self._on_prompt, rosmsg.LATCHED_QOS)
         self.create_subscription(Float64, pol.beta_topic, self._on_beta, rosmsg.LATCHED_QOS)
         self.create_subscription(String, station.mux.active_topic, self._on_active, rosmsg.LATCHED_QOS)
+        # with history: the current episode's start (and prompt) reaches a server started after it
+        self.create_subscription(String, station.episode_topic, self._on_episode, rosmsg.EVENT_HISTORY_QOS)
         self.create_service(Trigger, "~/start", self._on_start)
         self.create_service(Trigger, "~/stop", self._on_stop)
         self.create_timer(0.05, self._publish_outbox)
@@ -348,6 +353,22 @@ class PolicyServer(Node):
             self.prompt = prompt
             self.get_logger().info(f"prompt: '{prompt}': re-planning from the current state")
             self._to_tick("reset")
+
+    def _on_episode(self, msg: String) -> None:
+        """Episode start: its prompt, and a re-plan from observations stamped after it; end: publish nothing
+        until the next start (the mux then holds the robot where it is)."""
+        try:
+            event = json.loads(msg.data)
+            kind, stamp_ns = event["event"], int(event["stamp_ns"])
+            prompt = str(event.get("prompt") or "").strip() if kind == "start" else ""
+        except (ValueError, KeyError, TypeError) as e:
+            self.get_logger().warning(f"ignored episode event {msg.data[:200]!r}: {e}")
+            return
+        if kind not in ("start", "end"):
+            return
+        if prompt:
+            self.prompt = prompt
+        self._to_tick("episode", kind == "start", stamp_ns)
 
     def _on_beta(self, msg: Float64) -> None:
         problem = beta_problem(msg.data)

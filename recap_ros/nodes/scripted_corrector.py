@@ -1,9 +1,14 @@
 """scripted_corrector: the simulated human who corrects the policy in the sim station.
 
 Watches joint states and episode events (the start event carries the task); when recap_ros.sim.Corrector
-decides the policy is failing, it switches the mux to the human input (mode = that input's name on
-mux.mode_topic) and publishes the scripted expert's joint-position commands on that input's topic at the
-control rate until the episode ends, then hands back (mode "policy").
+decides the policy is failing, it publishes the scripted expert's joint-position commands on its own mux input
+(``sim.corrector_input``: human, priority above the policy's and below the teleoperator's) at the control rate
+until the episode ends. Starting to publish preempts the policy (the mux's preemption rule), so the
+corrector's ticks are recorded as interventions; a real teleoperator preempts the corrector and is never
+overridden by it. At the episode's end it hands back (mode "policy") only when it was the last active source.
+
+Decisions use the joint states' stamps (when the robot measured them), not receive times, and ignore joint
+states stamped before the episode's start.
 
 Params: station (name or path, default "sim").
 """
@@ -33,31 +38,36 @@ class ScriptedCorrector(Node):
                                      "the scripted corrector needs a sim station")
         robot, mux = self.station.robot, self.station.mux
         self.names = robot.joint_names
-        self.human = next(i for i in mux.inputs if i.human)
+        self.human = mux.input(self.station.sim.corrector_input)
         self.corrector = Corrector(Bimanual(robot, self.station.file), robot.period_s,
                                    self.station.sim.corrector_patience_s)
         self._q = None
+        self._episode_start_ns = 0
+        self._active_source = ""
         self.mode_pub = self.create_publisher(String, mux.mode_topic, rosmsg.COMMAND_QOS)
         self.command_pub = self.create_publisher(rosmsg.command_msg_class(self.human.type), self.human.topic,
                                                  rosmsg.COMMAND_QOS)
         self.create_subscription(JointState, robot.joint_states_topic, self._on_joints, rosmsg.COMMAND_QOS)
         # with history: a corrector started after the episode began still gets its start event
         self.create_subscription(String, self.station.episode_topic, self._on_event, rosmsg.EVENT_HISTORY_QOS)
+        self.create_subscription(String, mux.active_topic, self._on_active, rosmsg.LATCHED_QOS)
         self.create_timer(robot.period_s, self._tick)
 
-    def _now_s(self) -> float:
-        return rosmsg.now_ns(self) * 1e-9
+    def _on_active(self, msg: String) -> None:
+        self._active_source = msg.data
 
     def _on_joints(self, msg: JointState) -> None:
+        stamp_ns = rosmsg.stamp_to_ns(msg.header.stamp)
+        if stamp_ns < self._episode_start_ns:
+            return  # measured before this episode began (the previous episode's pose)
         try:
             self._q = rosmsg.positions_from_joint_state(msg, self.names)
         except rosmsg.MessageError as e:
             self.get_logger().warning(f"ignored joint state: {e}", throttle_duration_sec=2.0)
             return
-        reason = self.corrector.observe(self._q, self._now_s())
+        reason = self.corrector.observe(self._q, stamp_ns * 1e-9)
         if reason:
-            self.get_logger().info(f"taking over: {reason}")
-            self.mode_pub.publish(String(data=self.human.name))
+            self.get_logger().info(f"taking over on {self.human.topic}: {reason}")
 
     def _on_event(self, msg: String) -> None:
         try:
@@ -71,10 +81,16 @@ class ScriptedCorrector(Node):
             if len(task.q0) != len(self.names):
                 self.get_logger().warning(f"start event task has {len(task.q0)} joints, expected {len(self.names)}")
                 return
-            self.corrector.start(task, self._now_s())
+            self._episode_start_ns = int(event.get("stamp_ns", 0))
+            self._q = None
+            self.corrector.start(task, self._episode_start_ns * 1e-9)
         elif kind == "end" and self.corrector.end():
-            self.get_logger().info(f"episode {event.get('episode')} ended ({event.get('reason')}): handing back")
-            self.mode_pub.publish(String(data="policy"))
+            if self._active_source == self.human.name:
+                self.get_logger().info(f"episode {event.get('episode')} ended ({event.get('reason')}): handing back")
+                self.mode_pub.publish(String(data="policy"))
+            else:  # someone else (a teleoperator) drives now: leave the mode to them
+                self.get_logger().info(f"episode {event.get('episode')} ended; {self._active_source or 'nobody'} "
+                                       "drives, not handing back")
 
     def _tick(self) -> None:
         if self.corrector.active and self._q is not None:

@@ -7,7 +7,11 @@ joint-position commands on robot.command_topic. Episodes run back to back from S
 end event -> reset_pause_s -> next; `~/reset` (std_srvs/Trigger) ends the running episode (reason "reset")
 and starts a new one. Until a command arrives in an episode, the arms hold their start pose.
 
-Params: station (name or path, default "sim").
+A command stamped before the running episode's start (JointState commands carry a stamp) is ignored: it was
+sent for the previous episode's pose.
+
+Params: station (name or path, default "sim"); seeds (integer list: run exactly these task seeds, one episode
+each, then idle; default: the station's seed stream).
 
 Threads: the control tick and each camera run on their own fixed-rate loop (absolute schedule, late ticks are
 caught up, so the published rates hold while the CPU is briefly busy); the executor thread only serves the
@@ -45,6 +49,7 @@ class SimRobot(Node):
         super().__init__("sim_robot")
         station_name = self.declare_parameter("station", "sim").value
         self.station = load_station(station_name)
+        self.seeds = self._seed_list()
         self.env = SimEnv(self.station)
         self.names = self.station.robot.joint_names
         self._lock = threading.Lock()
@@ -53,7 +58,8 @@ class SimRobot(Node):
         self._v = np.zeros_like(self._q)
         self._running = False
         self._next_start = time.monotonic() + STARTUP_DELAY_S
-        self.stats = {"episodes": 0, "successes": 0, "failures": 0, "bad_commands": 0}
+        self._episode_start_ns = 0
+        self.stats = {"episodes": 0, "successes": 0, "failures": 0, "bad_commands": 0, "old_commands": 0}
         self._last_reason = ""
 
         robot = self.station.robot
@@ -89,9 +95,9 @@ class SimRobot(Node):
         info = self._camera_info(cam)
 
         def publish(periods: int, now_ns: int) -> None:
-            with self._lock:
+            with self._lock:  # stamped under the lock: a frame stamped after an episode start shows that episode
                 q, task = self._q, self.env.task
-            stamp_ns = rosmsg.now_ns(self)
+                stamp_ns = rosmsg.now_ns(self)
             rgb = self.env.renderer.render(cam.role, q, task)
             image_pub.publish(rosmsg.image_msg(rgb, stamp_ns, cam.frame_id))
             if jpeg_pub.get_subscription_count() > 0:
@@ -123,12 +129,17 @@ class SimRobot(Node):
             self.get_logger().warning(f"ignored bad command on {self.station.robot.command_topic} "
                                       f"(#{self.stats['bad_commands']}): {e}", throttle_duration_sec=2.0)
             return
+        header = getattr(msg, "header", None)
+        if header is not None and rosmsg.stamp_to_ns(header.stamp) < self._episode_start_ns:
+            self.stats["old_commands"] += 1  # sent before this episode began (for the previous one's pose)
+            return
         self._command = q
 
     def _tick(self) -> None:
         with self._lock:
-            if not self._running and time.monotonic() >= self._next_start:
-                self._start_episode()
+            if not self._running and time.monotonic() >= self._next_start and not self._start_episode():
+                self._next_start = float("inf")
+                self.get_logger().info(f"all {len(self.seeds)} seeds of the 'seeds' parameter done: idle")
             if self._running:
                 command = self._command if self._command is not None else np.asarray(self.env.task.q0)
                 self.env.step(command)
@@ -141,15 +152,31 @@ class SimRobot(Node):
             msg = rosmsg.joint_state_msg(self.names, self._q, rosmsg.now_ns(self), self._v)
         self.joint_pub.publish(msg)
 
-    def _start_episode(self) -> None:  # caller holds the lock
-        task = self.env.reset()
+    def _seed_list(self) -> list[int] | None:
+        from rclpy.exceptions import ParameterUninitializedException
+        from rclpy.parameter import Parameter
+
+        self.declare_parameter("seeds", Parameter.Type.INTEGER_ARRAY)
+        try:
+            return [int(s) for s in self.get_parameter("seeds").value]
+        except ParameterUninitializedException:
+            return None
+
+    def _start_episode(self) -> bool:  # caller holds the lock
+        """Start the next episode; False when the seed list is used up (the station idles)."""
+        if self.seeds is not None and self.env.episode + 1 >= len(self.seeds):
+            return False
+        task = self.env.reset(None if self.seeds is None else self.seeds[self.env.episode + 1])
+        self._episode_start_ns = rosmsg.now_ns(self)
         self._command = None
         self._q, self._v = self.env.state, self.env.velocity
         self._running = True
         self.prompt_pub.publish(String(data=task.prompt))
         self._event({"event": "start", "episode": self.env.episode, "prompt": task.prompt, "seed": task.seed,
-                     "arm": task.arm, "target": task.to_dict()["target"], "task": task.to_dict()})
+                     "arm": task.arm, "target": task.to_dict()["target"], "task": task.to_dict()},
+                    self._episode_start_ns)
         self.get_logger().info(f"episode {self.env.episode} (seed {task.seed}): {task.prompt!r}")
+        return True
 
     def _end_episode(self, success: bool, reason: str, detail: str) -> None:  # caller holds the lock
         self._running = False
@@ -161,17 +188,17 @@ class SimRobot(Node):
                      "detail": detail, "steps": self.env.steps})
         self.get_logger().info(f"episode {self.env.episode} ended: {reason} ({detail}) after {self.env.steps} steps")
 
-    def _event(self, payload: dict) -> None:
-        payload["stamp_ns"] = rosmsg.now_ns(self)
+    def _event(self, payload: dict, stamp_ns: int | None = None) -> None:
+        payload["stamp_ns"] = rosmsg.now_ns(self) if stamp_ns is None else stamp_ns
         self.event_pub.publish(String(data=json.dumps(payload)))
 
     def _on_reset(self, request, response):
         with self._lock:
             if self._running:
                 self._end_episode(False, "reset", "reset requested by service")
-            self._start_episode()
-            response.success = True
-            response.message = f"episode {self.env.episode}: {self.env.task.prompt}"
+            response.success = self._start_episode()
+            response.message = (f"episode {self.env.episode}: {self.env.task.prompt}" if response.success
+                                else "the 'seeds' list is used up")
         return response
 
     def destroy_node(self):

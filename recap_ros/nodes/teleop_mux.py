@@ -6,9 +6,11 @@ Wiring only; the arbitration (modes, priorities, locks, timeouts, validation, st
 
 - subscribes each ``mux.inputs[*].topic`` (JointState matched by joint name, or Float64MultiArray in station
   joint order), ``mux.mode_topic`` (String), ``mux.override_topic`` (Bool), each lock topic (Bool) and
-  ``robot.joint_states_topic`` (the first valid message is the initial hold position; nothing is published
-  on the command topic before it);
-- publishes ``robot.command_topic`` (``robot.command_type``) every control tick, hold included;
+  ``robot.joint_states_topic`` (the measured position, for as long as the node runs: the first valid message
+  is the initial hold position, nothing is published on the command topic before it; holds, resumes and
+  re-anchoring follow it);
+- publishes ``robot.command_topic`` (``robot.command_type``) every control tick, hold included; a JointState
+  command names its source (the mux input, or "hold") in ``header.frame_id``;
   ``mux.active_topic`` (String) and ``mux.intervention_topic`` (Bool) latched, on every change;
   ``/diagnostics`` once per ``diagnostics_period_s`` and on every change of the active source.
 
@@ -80,8 +82,7 @@ class TeleopMuxNode(Node):
             self.create_subscription(Bool, lk.topic, lambda msg, n=lk.name: self._on_lock(n, msg), COMMAND_QOS)
         self.create_subscription(String, mux.mode_topic, self._on_mode, COMMAND_QOS)
         self.create_subscription(Bool, mux.override_topic, self._on_override, COMMAND_QOS)
-        self._joint_sub = self.create_subscription(JointState, robot.joint_states_topic, self._on_joint_state,
-                                                   COMMAND_QOS)
+        self.create_subscription(JointState, robot.joint_states_topic, self._on_joint_state, COMMAND_QOS)
         self.create_timer(diag_period, self._publish_diagnostics)
         self.monitor = PeriodMonitor(robot.period_s)
         self.loop = DeadlineLoop(robot.period_s, lambda periods, now_ns: self._tick(), self.monitor,
@@ -101,11 +102,9 @@ class TeleopMuxNode(Node):
             with self._lock:
                 err = self.core.on_joint_state(q, time.monotonic())
         except MessageError as e:
-            err = f"joint state not usable as the initial hold position: {e}"
+            err = f"joint state not usable as a measured position: {e}"
         if err:
             self.get_logger().warning(err, throttle_duration_sec=1.0)
-        elif self.core.ready:
-            self.destroy_subscription(self._joint_sub)  # only the first position matters
         self._after_event()
 
     def _on_input(self, inp, msg) -> None:
@@ -156,10 +155,10 @@ class TeleopMuxNode(Node):
                 t = self.core.tick(time.monotonic())
                 self.switch_ticks += switch
                 if t.positions is not None:
-                    self.pub_cmd.publish(command_msg(self.station.robot.command_type, self.names, t.positions,
-                                                     now_ns(self)))
-                    if t.source_changed:
+                    if t.source_changed:  # the state first: a command never precedes the source it came from
                         self._publish_source(t.source, t.intervention)
+                    self.pub_cmd.publish(command_msg(self.station.robot.command_type, self.names, t.positions,
+                                                     now_ns(self), t.source))
             events = self.core.drain_events()
         for line in events:  # mode changes, source switches (with the reason when holding)
             self.get_logger().info(line)

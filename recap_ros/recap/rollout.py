@@ -16,6 +16,7 @@ them: policy queries, and every ``frame_stride``-th tick when frames are recorde
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,7 +82,14 @@ class Roller:
     """Runs episodes on one SimEnv with the station's executor, mux and (optionally) corrector."""
 
     def __init__(self, station: Station, image_size: int, policy=None, beta: float = 1.0,
-                 corrector: bool = False, c_fail: float | None = None):
+                 corrector: bool = False, c_fail: float | None = None, delays: Sequence[int] = (0,)):
+        """``delays``: inference delay in ticks, as the live station sees it: each chunk is planned from the
+        observation of its request tick and starts executing d ticks later (at its index d), d drawn from
+        ``delays`` (e.g. the delays a live run measured) with a per-episode seeded generator; (0,): the chunk is
+        ready on the tick it was asked for."""
+        if not delays or min(delays) < 0:
+            raise ValueError(f"delays must be a non-empty list of ticks >= 0 (got {list(delays)!r})")
+        self.delays = [int(d) for d in delays]
         self.station, self.policy, self.beta, self.use_corrector = station, policy, float(beta), corrector
         self.env = SimEnv(station)
         self.dt = self.env.dt
@@ -111,11 +119,14 @@ class Roller:
             raise ValueError("a policy roll-out needs a policy (or scripted=True)")
         executor = ChunkExecutor(self.limits, self.chunk_len, st.policy.replan_every, st.policy.crossfade_ticks)
         executor.reset(self.env.state)
+        delay_rng = np.random.default_rng(seed)
+        pending = None  # (request, chunk, tick it arrives)
         states, actions, flags, views, view_ticks = [], [], [], [], []
         tick = interventions = 0
         while not self.env.status.done:
             now = tick * self.dt
             q = self.env.state
+            mux.on_joint_state(q, now)
             rendered = None
             if record and tick % frame_stride == 0:
                 rendered = self.env.images()
@@ -127,12 +138,15 @@ class Roller:
                 if corrector is not None and corrector.active:
                     mux.on_command(TELEOP, corrector.command(q), now)
                 else:
-                    if executor.wants_plan():
+                    if pending is None and executor.wants_plan():
                         req = executor.request()
                         rendered = rendered if rendered is not None else self.env.images()
                         chunk = self.policy.infer(images=rendered, state=q, prompt=task.prompt, beta=self.beta,
                                                   seed=policy_seed + tick)
-                        executor.accept(req, chunk)
+                        pending = (req, chunk, tick + int(delay_rng.choice(self.delays)))
+                    if pending is not None and tick >= pending[2]:
+                        executor.accept(pending[0], pending[1])
+                        pending = None
                     cmd = executor.step()
                     mux.on_command(POLICY, cmd.command, now)
             out = mux.tick(now)

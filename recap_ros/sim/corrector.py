@@ -6,6 +6,10 @@ It watches the joint positions during an episode and takes over from the policy 
   * a tip, extrapolated LOOKAHEAD_S ahead at its current velocity, would break a keep-out rule
     (below the table, inside the keep-out box, touching a wrong marker);
 then it drives with the scripted expert until the episode ends.
+
+Times are the joint states' own stamps (when the robot measured them), never when a callback received them:
+a burst of messages delivered together must not look like a fast motion. A sample that is not newer than
+the previous one, or more than MAX_GAP_S after it, makes no prediction.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from recap_ros.sim.task import SUCCESS_RADIUS, Task
 
 PROGRESS_M = 0.01     # m: a new best distance must beat the old one by this much to count as progress
 LOOKAHEAD_S = 0.25    # s: horizon of the keep-out prediction
+MAX_GAP_S = 0.1       # s: samples further apart than this are not differenced into a velocity
 
 
 class Corrector:
@@ -45,7 +50,8 @@ class Corrector:
         return was_active
 
     def observe(self, q: np.ndarray, t: float) -> str | None:
-        """Feed a joint state measured at time t. Returns the reason when the corrector takes over now."""
+        """Feed a joint state measured at time t (its stamp, seconds). Returns the reason when the corrector
+        takes over now."""
         if self.task is None or self.active:
             return None
         tips = self.kin.tips(q)
@@ -54,7 +60,7 @@ class Corrector:
             self._best, self._last_progress_t = dist, float(t)
         reason = None
         prev, self._prev = self._prev, (float(t), tips)
-        if prev is not None and t > prev[0] and dist > 2 * SUCCESS_RADIUS:
+        if prev is not None and 0 < t - prev[0] <= MAX_GAP_S and dist > 2 * SUCCESS_RADIUS:
             k = self.lookahead_s / (t - prev[0])
             predicted = {s: p + k * (p - prev[1][s]) for s, p in tips.items()}
             why = self.task.violation(predicted)
