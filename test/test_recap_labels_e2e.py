@@ -3,7 +3,9 @@ human corrections): every consumer uses each episode's stored M and C_fail; adva
 indicators equal values written out by hand from the rewards and a fixed V; the README flow
 recap-export -> recap-train-value -> recap-label -> recap-train-policy runs without flags; a --max-len that is not
 the stored M is refused."""
+import io
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -180,6 +182,23 @@ def test_readme_flow_without_flags(dataset, tmp_path, capsys):
                                   str(tmp_path / "l.parquet"), "--steps", "1", "--device", "cpu", "--threads", "1",
                                   "--out", str(tmp_path / "it1")]) == 0
     assert (tmp_path / "it1" / "model.safetensors").is_file()
+
+
+def test_export_refuses_another_normalisation_for_a_task_already_in_the_dataset(dataset, tmp_path):
+    ds = tmp_path / "ds"
+    shutil.copytree(dataset, ds)
+    station = load_station("sim")
+    bags = tmp_path / "bags"
+    for ep in (20, 21):
+        write_episode_bag(bags / str(ep), station, SynthEpisode(duration_s=0.6, outcome="failure", prompt=TASK_B,
+                                                                episode=ep, start_ns=1_800_000_000 * NS + ep * NS))
+    code, results = export_cli.run(export_cli.build_parser().parse_args(
+        [str(bags / "20"), "--out", str(ds), "--max-len", "100", "--quiet"]), out=io.StringIO())
+    assert code == 1 and results[0].status == "failed"
+    assert f"the dataset normalises task '{TASK_B}' by max length 60, C_fail 60; this export would use 100, 100" \
+        in results[0].message
+    assert export_cli.main([str(bags / "21"), "--out", str(ds), "--task-max-len", f"{TASK_B}=60", "--quiet"]) == 0
+    assert RecapDataset(ds).num_episodes == len(EPISODES) + 1
 
 
 def two_task_frames():

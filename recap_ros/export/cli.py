@@ -3,7 +3,8 @@
 Arguments may be bag directories or folders of them (searched recursively for directories holding
 metadata.yaml or an .mcap). Incremental: bags already in the dataset (by directory name) are not exported
 again. Each bad bag gets one line saying why; the others still export. Exit status 1 if any bag failed
-(unreadable, unfinished, missing topics, wrong station), 0 otherwise (skipped bags: unlabelled, or gaps with
+(unreadable, unfinished, missing topics, wrong station, a task whose max length / C_fail differ from those
+the dataset already stores for it), 0 otherwise (skipped bags: unlabelled, or gaps with
 --on-gap skip, are reported but not failures); 2 for bad arguments.
 """
 from __future__ import annotations
@@ -17,7 +18,15 @@ from tqdm import tqdm
 
 from recap_ros.export.align import Tolerances
 from recap_ros.export.bagread import UNFINISHED
-from recap_ros.export.exporter import ON_GAP, SOURCE_BAG, BagResult, ExportConfig, export_bag, open_writer
+from recap_ros.export.exporter import (
+    ON_GAP,
+    SOURCE_BAG,
+    BagResult,
+    ExportConfig,
+    export_bag,
+    open_writer,
+    task_normalisation,
+)
 from recap_ros.export.lerobot import DatasetError, VideoOptions
 from recap_ros.recap.returns import NUM_BINS
 from recap_ros.recording import bag as rbag
@@ -125,16 +134,17 @@ def run(args: argparse.Namespace, out=sys.stdout) -> tuple[int, list[BagResult]]
         for note in writer.notes:
             print(f"note: {note}", file=out)
         present = writer.exported(SOURCE_BAG)
+        known = task_normalisation(writer)
         bar = tqdm(bags, unit="bag", disable=args.quiet, file=sys.stderr, desc="recap-export")
         frames = 0
         for bag in bar:
             if bag.name in present:
                 results.append(BagResult(bag.name, "present"))
                 continue
-            r = export_bag(writer, bag, station, cfg)
+            r = export_bag(writer, bag, station, cfg, known)
             if r.status == "failed" and r.kind == UNFINISHED and args.repair:
                 err = _repair(bag)
-                r = export_bag(writer, bag, station, cfg) if err is None else BagResult(
+                r = export_bag(writer, bag, station, cfg, known) if err is None else BagResult(
                     bag.name, "failed", f"{r.message}; {err}", kind=UNFINISHED)
                 if err is None and r.status == "exported":
                     r.message = "; ".join(x for x in ("repaired (recap-bag-repair)", r.message) if x)

@@ -22,6 +22,7 @@ from recap_ros.station import Station
 
 IMAGE_KEY = "observation.images.{role}"
 SOURCE_BAG = "recap/source_bag"
+NORMALISATION = "normalisation"  # BagResult kind: the task's M / C_fail differ from those the dataset stores
 ON_GAP = ("split", "skip")
 
 
@@ -116,11 +117,26 @@ def _frames(ep: EpisodeBag, station: Station, cam_name: str, index: np.ndarray) 
 def align(ep: EpisodeBag, station: Station, cfg: ExportConfig) -> Aligned:
     return align_episode(ep.start_ns, ep.end_ns, station.robot.control_rate_hz, cameras=ep.cameras,
                          joints=ep.joints, command=ep.command, policy=ep.policy, intervention=ep.intervention,
-                         active_source=ep.active_source, tol=cfg.tolerances, joint_mode=cfg.joint_mode)
+                         active_source=ep.active_source, command_source=ep.command_source,
+                         human_inputs=frozenset(i.name for i in station.mux.inputs if i.human),
+                         tol=cfg.tolerances, joint_mode=cfg.joint_mode)
 
 
-def export_bag(writer: LeRobotWriter, bag_path: str | Path, station: Station, cfg: ExportConfig) -> BagResult:
-    """Export one bag; never raises for bad input (the result says what happened)."""
+def task_normalisation(writer: LeRobotWriter) -> dict[str, tuple[int, float]]:
+    """(max length M, C_fail) of every task the dataset already holds, from meta/episodes."""
+    eps = writer.episodes
+    if eps is None or "recap/max_len" not in eps.column_names:
+        return {}
+    return {tasks[0]: (int(m), float(c)) for tasks, m, c in zip(eps.column("tasks").to_pylist(),
+                                                              eps.column("recap/max_len").to_pylist(),
+                                                              eps.column("recap/c_fail").to_pylist())}
+
+
+def export_bag(writer: LeRobotWriter, bag_path: str | Path, station: Station, cfg: ExportConfig,
+               known: dict[str, tuple[int, float]] | None = None) -> BagResult:
+    """Export one bag; never raises for bad input (the result says what happened). ``known``: the (M, C_fail)
+    per task the dataset already stores (:func:`task_normalisation`); a bag of such a task that this
+    configuration would normalise otherwise fails (one normalisation per task, no unit mix)."""
     bag_path = Path(bag_path)
     name = bag_path.name
     try:
@@ -133,6 +149,12 @@ def export_bag(writer: LeRobotWriter, bag_path: str | Path, station: Station, cf
     duration = (ep.end_ns - ep.start_ns) / NS
     max_len = max_len_for(station, cfg, task)
     c_fail = float(max_len if cfg.c_fail is None else cfg.c_fail)
+    have = (known or {}).get(task)
+    if have is not None and have != (max_len, c_fail):
+        return BagResult(name, "failed", f"{bag_path}: the dataset normalises task '{task}' by max length {have[0]}, "
+                         f"C_fail {have[1]:g}; this export would use {max_len}, {c_fail:g} (give the same --max-len / "
+                         "--task-max-len / --c-fail, or export into a new dataset)", kind=NORMALISATION,
+                         duration_s=duration)
     labels = returns.episode_labels(al.num_ticks, success, max_len, c_fail, cfg.num_bins)
     rate = station.robot.control_rate_hz
     notes = list(ep.notes)
