@@ -119,6 +119,41 @@ def test_state_topics_facts_and_intervention_edges(tmp_path):
     assert interv[0][1] >= int(custom["recap.start_ns"])
 
 
+def command(seq: int, source: str) -> bytes:
+    h = TS.types["std_msgs/msg/Header"](stamp=TS.types["builtin_interfaces/msg/Time"](sec=seq, nanosec=0),
+                                        frame_id=source)
+    return cdr("sensor_msgs/msg/JointState", header=h, name=["a"], position=np.array([0.0]),
+               velocity=np.array([], dtype=float), effort=np.array([], dtype=float))
+
+
+def test_human_segment_active_at_start_and_human_ticks_are_counted(tmp_path):
+    with make(tmp_path) as r:
+        r.submit(INTERV, cdr("std_msgs/msg/Bool", data=True))  # the corrector already drives when it starts
+        bag = r.start()
+        sources = ["corrector"] * 4 + ["hold"] * 2 + ["policy"] * 3 + ["teleop"] * 5  # 9 human-driven commands
+        for i, src in enumerate(sources):
+            r.submit(ST.robot.command_topic, command(i, src), 1000 + i)
+        r.submit(INTERV, cdr("std_msgs/msg/Bool", data=False))
+        r.submit(INTERV, cdr("std_msgs/msg/Bool", data=True))  # a second segment
+        r.stop()
+    _, custom, _ = read(bag)
+    assert custom["recap.interventions"] == "2" and custom["recap.intervention_ticks"] == "9"
+
+
+def test_a_state_message_older_than_the_last_one_is_never_written(tmp_path):
+    active = ST.mux.active_topic
+    with make(tmp_path) as r:
+        bag = r.start()
+        assert r.submit(active, string("corrector"), 2000, source_ns=1500)
+        assert not r.submit(active, string("policy"), 2100, source_ns=1000)  # stale latched value, late
+        assert not r.submit(active, string("corrector"), 2200, source_ns=1500)  # the same sample again
+        assert r.submit(active, string("policy"), 2300, source_ns=1600)
+        r.stop()
+    msgs, _, _ = read(bag)
+    assert [m[2] for m in msgs if m[0] == active] == [string("corrector"), string("policy")]
+    assert r.stale_state == 2
+
+
 def test_queue_overflow_is_counted_per_topic_never_silent(tmp_path, monkeypatch):
     gate = threading.Event()
     real_write = BagWriter.write

@@ -139,7 +139,8 @@ class EpisodeRecorderNode(Node):
             self._subs[topic] = (sub, key)
 
     def _on_raw(self, topic: str, data: bytes, info) -> None:
-        self.recorder.submit(topic, data, info.get("received_timestamp") or time.time_ns())
+        self.recorder.submit(topic, data, info.get("received_timestamp") or time.time_ns(),
+                             info.get("source_timestamp") or None)
 
     # ------------------------------------------------------------------------------------------ services
     def _serve(self, name: str, resp, action):

@@ -34,6 +34,7 @@ COMPRESSIONS = ("zstd", "none")
 K_STATION, K_EPISODE, K_PROMPT, K_OUTCOME = "recap.station", "recap.episode", "recap.prompt", "recap.outcome"
 K_MODEL, K_BETA, K_OPERATOR = "recap.model", "recap.beta", "recap.operator"
 K_START, K_END, K_INTERVENTIONS = "recap.start_ns", "recap.end_ns", "recap.interventions"
+K_INTERVENTION_TICKS = "recap.intervention_ticks"
 # additive keys: why the episode ended, messages lost to queue overflow, set by recap-bag-repair
 K_END_REASON, K_DROPPED, K_REPAIRED = "recap.end_reason", "recap.dropped", "recap.repaired"
 OUTCOMES = ("success", "failure", "unlabelled")
@@ -111,7 +112,8 @@ class EpisodeFacts:
     operator: str = ""
     start_ns: int = 0
     end_ns: int = 0
-    interventions: int = 0
+    interventions: int = 0  # human-driven segments (one already active at the start included)
+    intervention_ticks: int = 0  # robot commands that came from a human input
     end_reason: str = ""
     dropped: int = 0
 
@@ -121,7 +123,8 @@ class EpisodeFacts:
         return {K_STATION: self.station, K_EPISODE: str(self.episode), K_PROMPT: self.prompt,
                 K_OUTCOME: self.outcome, K_MODEL: self.model, K_BETA: self.beta, K_OPERATOR: self.operator,
                 K_START: str(self.start_ns), K_END: str(self.end_ns) if self.end_ns else "",
-                K_INTERVENTIONS: str(self.interventions), K_END_REASON: self.end_reason,
+                K_INTERVENTIONS: str(self.interventions), K_INTERVENTION_TICKS: str(self.intervention_ticks),
+                K_END_REASON: self.end_reason,
                 K_DROPPED: str(self.dropped)}
 
 

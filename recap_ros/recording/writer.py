@@ -9,9 +9,15 @@ free disk space, and runs start / stop / label requests in order with the messag
 ``stop`` is in the bag, one received after ``start`` is too).
 
 Episode facts (custom_data, docs/ARCHITECTURE.md): the prompt and β are the latest values on their topics
-(or the sim's start event), interventions are rising edges (false -> true) of the intervention flag during the
-episode. State-like topics (latched, prompt, β, intervention) are cached while idle and written at the start
-of every episode (at the episode's start time), so each bag carries the state it began in.
+(or the sim's start event); ``recap.interventions`` counts human-driven segments: rising edges (false -> true)
+of the intervention flag during the episode, plus one when a human already drives as the episode starts;
+``recap.intervention_ticks`` counts robot commands whose source (a JointState command's header.frame_id, set
+by the mux) is a human input. State-like topics (latched, prompt, β, intervention) are cached while idle and
+written at the start of every episode (at the episode's start time), so each bag carries the state it began
+in. A state message carries its publication stamp (DDS source timestamp) when the caller has it: one that is
+not newer than the last one taken on its topic (a latched value delivered again, e.g. to a re-created
+subscription, or late) is dropped, so a state topic is written in stamp order and never goes back to an
+older value.
 
 With ``auto_episodes`` the sim's episode events (JSON on the episode topic) drive the lifecycle: a start event
 opens a bag for that episode, an end event labels it from ``success`` and closes it.
@@ -64,6 +70,8 @@ class RecorderConfig:
     prompt_topic: str = "/task/prompt"
     beta_topic: str = "/policy/beta"
     intervention_topic: str = "/mux/intervention"
+    command_topic: str = "/robot/command"
+    human_inputs: tuple[str, ...] = ()  # mux inputs whose commands are interventions
     model: str = ""
     operator: str = ""
     flush_period_s: float = 0.25   # crash loss bound: at most this much data is only in memory
@@ -78,7 +86,8 @@ class RecorderConfig:
                     compression=r.compression, min_free_disk_mb=r.min_free_disk_mb,
                     auto_episodes=r.auto_episodes, episode_topic=station.episode_topic,
                     prompt_topic=station.policy.prompt_topic, beta_topic=station.policy.beta_topic,
-                    intervention_topic=station.mux.intervention_topic)
+                    intervention_topic=station.mux.intervention_topic, command_topic=station.robot.command_topic,
+                    human_inputs=tuple(i.name for i in station.mux.inputs if i.human))
         base.update(overrides)
         return cls(**base)
 
@@ -136,6 +145,8 @@ class EpisodeRecorder:
         self._last: EpisodeSummary | None = None
         self._next_index: int | None = None
         self._cache: dict[str, tuple[bytes, int]] = {}  # latest message of state-like topics
+        self._state_stamp: dict[str, int] = {}  # publication stamp of the newest state message taken per topic
+        self.stale_state = 0  # state messages dropped as not newer than one already taken
         self._prompt = ""
         self._beta = ""
         self._intervening = False
@@ -179,12 +190,19 @@ class EpisodeRecorder:
         """Topics queued even between episodes (state to cache, or the events that start an episode)."""
         return self._cached(topic, t) or (self.config.auto_episodes and topic == self.config.episode_topic)
 
-    def submit(self, topic: str, data: bytes | memoryview, recv_ns: int | None = None) -> bool:
+    def submit(self, topic: str, data: bytes | memoryview, recv_ns: int | None = None,
+               source_ns: int | None = None) -> bool:
         """Hand one serialized message to the writer; never blocks. False when it was not queued: not recording
-        (and not a state topic), or dropped because the queue is full (counted per topic)."""
+        (and not a state topic), a state message not newer than the last one (``source_ns``: its publication
+        stamp), or dropped because the queue is full (counted per topic)."""
         t = self._topic(topic)
         if self._closed or (not self._accepting and not self._is_state(topic, t)):
             return False
+        if source_ns and self._cached(topic, t):
+            if source_ns <= self._state_stamp.get(topic, 0):
+                self.stale_state += 1
+                return False
+            self._state_stamp[topic] = source_ns
         try:
             self._queue.put_nowait((_MSG, topic, bytes(data), time.time_ns() if recv_ns is None else recv_ns))
             return True
@@ -335,6 +353,11 @@ class EpisodeRecorder:
         if c.auto_episodes and topic == c.episode_topic:
             self._on_episode_event(topic, data, recv_ns)
             return
+        ep = self._episode
+        if topic == c.command_topic and ep is not None and c.human_inputs:
+            source = self._decode(topic, t.msgtype, data, "header", None) if "JointState" in t.msgtype else None
+            if source is not None and source.frame_id in c.human_inputs:
+                ep.facts = replace(ep.facts, intervention_ticks=ep.facts.intervention_ticks + 1)
         if self._cached(topic, t):
             self._cache[topic] = (data, recv_ns)
             if topic == c.prompt_topic:
@@ -467,6 +490,9 @@ class EpisodeRecorder:
             self._episode = _Episode(facts, bag, prompt_fixed=prompt is not None)
         for topic, (data, recv_ns) in list(self._cache.items()):  # the state the episode starts in
             self._write(topic, data, max(recv_ns, start_ns))
+        if self._intervening:  # a human drives as the episode starts: that segment counts
+            self._episode.facts = replace(self._episode.facts, interventions=1)
+            bag.set_custom_data({K_INTERVENTIONS: "1"})
         self._log("info", f"episode {episode} recording into {bag.path}")
         return bag.path
 
