@@ -173,7 +173,7 @@ def test_readme_flow_without_flags(dataset, tmp_path, capsys):
     assert "Spearman rho(V, R_t/M) on held-out successes" in out and "on held-out failures" in out
     assert "calibration of V" in out and f"task '{TASK_A}': max length M [90], C_fail [90.0]" in out
     readme = (tmp_path / "v" / "README.md").read_text()
-    assert "Spearman rho(V, R_t/M) on held-out failures" in readme and "C_fail" in readme
+    assert "Spearman rho(V, R_t/M) on held-out failures" in readme and "C_fail >= M for every episode" in readme
     assert cli.label_main([str(dataset), "--value", str(tmp_path / "v"), "--out", str(tmp_path / "l.parquet"),
                            "--threads", "1"]) == 0
     assert cli.train_policy_main([str(dataset), "--sft", "--model", json.dumps(SMALL_POLICY), "--steps", "1",

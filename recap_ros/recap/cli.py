@@ -2,6 +2,9 @@
 
 Data (``DATA``) is an exported LeRobot dataset directory (``recap-export``) or a frames cache (.npz) from
 ``recap-sim-demos`` / the sim iteration bench. Under ``torchrun`` the training commands run data-parallel (DDP).
+Each episode's maximum length M and C_fail come with the data (no flag sets them; ``--max-len`` is only checked
+against them). ``recap-train-value`` holds out 20 % of the successful and of the failed episodes and prints how
+well V ranks their frames by return and how well it is calibrated (also written to the bundle's README.md).
 
     recap-train-value DATA --out models/value_it1 [--init models/value_pre] [--plots plots/]
     recap-label DATA --value models/value_it1 --mode finetune --out labels.parquet [--plots plots/]
@@ -118,7 +121,7 @@ def train_value_main(argv=None) -> int:
     else:
         lines.append("no held-out episodes (--holdout 0, or one episode per outcome): no value quality figures")
     print("\n".join(lines))
-    write_value_readme(a.out, a.data, lines)
+    write_value_readme(a.out, a.data, lines, failures_flat=bool((frames.c_fail >= frames.max_len).all()))
     if a.plots:
         if shown is None:
             shown = frames
@@ -128,16 +131,20 @@ def train_value_main(argv=None) -> int:
     return 0
 
 
-def write_value_readme(out: str | Path, data: str, lines: list[str]) -> Path:
-    """The bundle's README.md: what it was trained on, the normalisation and the held-out figures."""
+def write_value_readme(out: str | Path, data: str, lines: list[str], failures_flat: bool) -> Path:
+    """The bundle's README.md: what it was trained on, the normalisation and the held-out figures.
+    ``failures_flat``: C_fail >= M for every episode (every failure frame's target is -1)."""
+    cfail = ("C_fail >= M for every episode (the export's default is C_fail = M): every frame of a failed episode "
+             "has the target -1 (bin 0), so V is not taught progress inside a failure; the failures' Spearman rho "
+             "above measures how much it ranks their frames anyway." if failures_flat else
+             "C_fail < M for some episodes: a failure's last M - C_fail steps have targets above -1, so V is taught "
+             "progress there, and those frames overlap with slow successes.")
     path = Path(out) / "README.md"
     path.write_text("\n".join([
         "# RECAP value function", "",
         f"`recap-train-value {data}`: p(V | o, l) over 201 bins of the normalised return clip(R_t / M, -1, 0), "
         "M and C_fail per episode from the data's metadata.", "", "```", *lines, "```", "",
-        "C_fail: with C_fail >= M (the export's default C_fail = M) every frame of a failed episode has the target "
-        "-1 (bin 0), so V is not taught progress inside a failure; the failures' Spearman rho above measures "
-        "how much it ranks their frames anyway (see docs/ARCHITECTURE.md, RECAP labels).", ""]))
+        f"{cfail} See docs/ARCHITECTURE.md, RECAP labels, for the choice of C_fail and its measured effect.", ""]))
     return path
 
 

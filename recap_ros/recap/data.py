@@ -4,8 +4,9 @@ One :class:`Frames` holds training frames of a set of episodes, in episode order
 docs/ARCHITECTURE.md that training needs; images are already resized to the model's input size and every frame
 carries its 50 Hz action chunk a_{t:t+H} (the episode's last action repeated past its end, as LeRobot does).
 Frames may be a subsample of the control ticks (every k-th tick plus the last one; ``frame_index`` keeps the
-tick number), which is how sim roll-outs keep rendering cheap. Sources: an exported LeRobot dataset
-(:func:`recap_ros.recap.dataset_io.load_frames`) or sim roll-outs (:mod:`recap_ros.recap.rollout`).
+tick number), which is how sim roll-outs keep rendering cheap. Every frame carries its episode's maximum length M
+and C_fail, the units of its returns, so frame sets of tasks with different lengths join. Sources: an exported
+LeRobot dataset (:func:`recap_ros.recap.dataset_io.load_frames`) or sim roll-outs (:mod:`recap_ros.recap.rollout`).
 """
 from __future__ import annotations
 
