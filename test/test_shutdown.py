@@ -13,7 +13,7 @@ import yaml
 from helpers import REPO, wait_for
 
 from recap_ros import launch_graph, paths
-from recap_ros.nodes import STOP_SIGNALS, StopRequest
+from recap_ros.nodes import STOP_SIGNALS, StopRequest, stop_signals_blocked
 from recap_ros.runner import _die_with_parent, node_env
 from recap_ros.station import load_station
 
@@ -81,6 +81,24 @@ def test_die_with_parent_stops_a_child_whose_parent_is_already_gone():
     assert child.wait(timeout=5) == -signal.SIGTERM
 
 
+def test_a_child_started_with_stop_signals_blocked_is_not_interrupted_before_it_ignores_them():
+    """As policy_server's tick process: a Ctrl-C to the group while the child still imports must not kill it."""
+    with stop_signals_blocked():
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+            import time
+            print("importing", flush=True)
+            time.sleep(1.0)  # the SIGINT arrives here
+            from recap_ros.nodes import ignore_stop_signals
+            ignore_stop_signals()
+            print("ignoring stop signals", flush=True)
+            """)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    assert not set(STOP_SIGNALS) & signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the parent's block is lifted
+    assert child.stdout.readline() == "importing\n"
+    child.send_signal(signal.SIGINT)
+    out = child.stdout.read()
+    assert child.wait(timeout=10) == 0 and out == "ignoring stop signals\n", out
+
+
 _FAKE_NODE = textwrap.dedent("""
     import os, signal, sys, time
     from rclpy.node import Node
@@ -138,36 +156,42 @@ def test_run_node_cleanup_is_not_interrupted_by_more_signals(first):
 # ------------------------------------------------------------------------------------------ whole station
 @pytest.fixture
 def station_file(tmp_path):
+    """The sim station with one long episode: the policy does not start and the corrector does not take over, so
+    the stop always lands in the middle of the first episode."""
     data = yaml.safe_load(paths.station_file("sim").read_text())
     data["recorder"]["output_dir"] = str(tmp_path / "bags")
+    data["policy"]["autostart"] = False
+    data["sim"].update(episode_timeout_s=120.0, corrector_patience_s=120.0)
     f = tmp_path / "sim.yaml"
     f.write_text(yaml.safe_dump(data))
     return f
 
 
 def _wait_for_recording(bags, procs, log):
-    """Until an episode's bag has been written to for a second (every process still running)."""
+    """Until every node is up (policy_server, loading its model, is the last) and an episode's bag has been
+    written to for a second (every process still running)."""
     def recording():
         for p in procs:
             assert p.poll() is None, log.read_text()[-3000:]
-        return any(f.stat().st_size > 0 for f in bags.glob("*/*.mcap"))
-    wait_for(recording, 120, f"a bag under {bags}")
+        return "[policy_server]: station '" in log.read_text() and any(bags.glob("*/*.mcap"))
+    wait_for(recording, 120, f"policy_server's start and a bag under {bags}")
     time.sleep(1.0)
 
 
 def _check_bags(bags):
-    """Every bag reads without repair (rosbags); the last one, cut by the stop, is labelled unlabelled."""
+    """The one episode's bag, cut by the stop, reads without repair (rosbags) and is labelled unlabelled."""
     from rosbags.rosbag2 import Reader
 
     from recap_ros.recording.bag import read_metadata
 
     dirs = sorted(bags.iterdir())
-    assert dirs
-    for d in dirs:
-        with Reader(d) as r:
-            assert r.message_count > 0 and sum(1 for _ in r.messages()) == r.message_count, d
-    custom = read_metadata(dirs[-1])["rosbag2_bagfile_information"]["custom_data"]
-    assert (custom["recap.outcome"], custom["recap.end_reason"]) == ("unlabelled", "shutdown"), custom
+    assert len(dirs) == 1, {d.name: read_metadata(d)["rosbag2_bagfile_information"]["custom_data"] for d in dirs}
+    bag = dirs[0]
+    with Reader(bag) as r:
+        assert r.message_count > 0 and sum(1 for _ in r.messages()) == r.message_count
+    custom = read_metadata(bag)["rosbag2_bagfile_information"]["custom_data"]
+    assert (custom["recap.episode"], custom["recap.outcome"], custom["recap.end_reason"]) == \
+        ("0", "unlabelled", "shutdown"), custom
 
 
 def _start_runner(station_file, log):

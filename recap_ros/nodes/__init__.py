@@ -1,6 +1,7 @@
 """ROS 2 nodes, one file each; they only wire ROS topics, parameters and timers to the ROS-free modules."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import signal
 import sys
@@ -36,6 +37,26 @@ class StopRequest:
         if not self.requested.is_set():
             self.signal_name = signal.Signals(signum).name
         self.requested.set()
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Hold stop signals back (they are delivered when the block ends) while a child process is started: it
+    inherits the block, so a Ctrl-C that reaches the whole process group cannot interrupt it before it calls
+    :func:`ignore_stop_signals`."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def ignore_stop_signals() -> None:
+    """In a child process whose parent stops it (by closing a pipe, or by dying): ignore stop signals, then lift
+    the block it was started with (:func:`stop_signals_blocked`)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def run_node(name: str, make_node: Callable, args=None,

@@ -41,7 +41,6 @@ import gc
 import json
 import multiprocessing as mp
 import queue
-import signal
 import sys
 import threading
 import time
@@ -63,7 +62,7 @@ from recap_ros.control.guidance import BETA_OFF, beta_problem
 from recap_ros.control.policy_tick import POLICY_INPUT, PolicyTick, TickConfig
 from recap_ros.control.stitching import HOLD_NO_CHUNK, JointLimits, Request
 from recap_ros.control.ticker import CONTROL_PRIORITY, DeadlineLoop, PeriodMonitor, try_realtime
-from recap_ros.nodes import STOP_SIGNALS, run_node
+from recap_ros.nodes import ignore_stop_signals, run_node, stop_signals_blocked
 from recap_ros.station import BETA_MIN, load_station
 
 OK, WARN, ERROR = 0, 1, 2
@@ -116,8 +115,7 @@ def _tick_process(spec: _TickSpec, inbox, outbox) -> None:
     import rclpy
     from rclpy.signals import SignalHandlerOptions
 
-    for signum in STOP_SIGNALS:  # Ctrl-C, launch's SIGTERM or a hang-up reach the whole process group: the parent
-        signal.signal(signum, signal.SIG_IGN)  # decides (it closes the pipe, or its death does)
+    ignore_stop_signals()  # Ctrl-C, launch's SIGTERM or a hang-up reach the whole process group: the parent decides
     rclpy.init(args=[], signal_handler_options=SignalHandlerOptions.NO)
     node = rclpy.create_node(spec.node_name, namespace=spec.namespace, start_parameter_services=False,
                              enable_rosout=False)  # it logs through the node's process
@@ -286,7 +284,8 @@ class PolicyServer(Node):
         self._send_lock = threading.Lock()
         self._tick_proc = ctx.Process(target=_tick_process, args=(spec, tick_in, tick_out), daemon=True,
                                       name=spec.node_name)
-        self._tick_proc.start()
+        with stop_signals_blocked():  # a Ctrl-C while the child imports must not kill it
+            self._tick_proc.start()
         tick_in.close()
         tick_out.close()  # only the child holds the write end: its exit is EOF here
         if not self._tick_outbox.poll(TICK_START_TIMEOUT_S):
