@@ -130,6 +130,15 @@ def positions_from_joint_state(msg: JointState, names: Sequence[str]) -> np.ndar
     return pos[[index[n] for n in names]]
 
 
+def velocities_from_joint_state(msg: JointState, names: Sequence[str]) -> np.ndarray | None:
+    """Measured velocities in the station's joint order, or None when the message carries none (or not one
+    per joint). Call after positions_from_joint_state accepted the message."""
+    if len(msg.velocity) != len(msg.name):
+        return None
+    index = {n: i for i, n in enumerate(msg.name)}
+    return np.asarray(msg.velocity, dtype=np.float64)[[index[n] for n in names]]
+
+
 def positions_from_float_array(msg: Float64MultiArray, n_joints: int) -> np.ndarray:
     if len(msg.data) != n_joints:
         raise MessageError(f"Float64MultiArray has {len(msg.data)} elements, expected {n_joints}")

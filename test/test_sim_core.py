@@ -291,3 +291,40 @@ def test_corrector_logic_validates_input(env):
         c.command(env.state)
     with pytest.raises(ValueError, match="arm"):
         Task.from_dict({**env.reset(seed=1).to_dict(), "arm": "middle"})
+
+
+def test_corrector_predicts_from_measured_velocity_not_from_bunched_stamps(env):
+    """A robot loop that catches up a late tick publishes two joint states 0.1 ms apart although the arm moved
+    a whole 20-ms tick between them: differencing those stamps makes a 200x velocity and a false keep-out alarm
+    (the live station's false takeovers). With the measured velocities the expert is never taken over."""
+    def run(use_velocity):
+        task = env.reset(seed=9)
+        corrector = Corrector(env.kin, env.dt, patience_s=5.0)
+        corrector.start(task, 0.0)
+        expert = Expert(env.kin, env.dt)
+        expert.reset(task)
+        stamp = 0.0
+        while not env.status.done:
+            env.step(expert.act(env.state))
+            stamp += env.dt if env.steps % 4 else 1e-4  # every 4th tick caught up right after the previous one
+            reason = corrector.observe(env.state, stamp, env.velocity if use_velocity else None)
+            if reason:
+                return reason
+        return None
+
+    assert "keep-out" in (run(use_velocity=False) or "")
+    assert run(use_velocity=True) is None and env.status.state == "success"
+
+
+def test_corrector_takes_over_before_a_keep_out_violation_from_measured_velocity(env):
+    task = env.reset(seed=12)
+    corrector = Corrector(env.kin, env.dt, patience_s=5.0)
+    corrector.start(task, 0.0)
+    sl = env.kin.arm_slice(task.arm)
+    dive = env.state
+    dive[sl], _ = env.kin.arms[task.arm].ik((KEEP_OUT_MIN + KEEP_OUT_MAX) / 2, dive[sl], iters=50)
+    taken = None
+    while taken is None and not env.status.done:
+        env.step(dive)
+        taken = corrector.observe(env.state, env.time_s, env.velocity)
+    assert taken is not None and "keep-out" in taken and not env.status.done

@@ -7,8 +7,8 @@ until the episode ends. Starting to publish preempts the policy (the mux's preem
 corrector's ticks are recorded as interventions; a real teleoperator preempts the corrector and is never
 overridden by it. At the episode's end it hands back (mode "policy") only when it was the last active source.
 
-Decisions use the joint states' stamps (when the robot measured them), not receive times, and ignore joint
-states stamped before the episode's start.
+Decisions use the robot's measured joint velocities and the joint states' stamps (when the robot measured
+them), never receive times, and ignore joint states stamped before the episode's start.
 
 Params: station (name or path, default "sim").
 """
@@ -65,7 +65,8 @@ class ScriptedCorrector(Node):
         except rosmsg.MessageError as e:
             self.get_logger().warning(f"ignored joint state: {e}", throttle_duration_sec=2.0)
             return
-        reason = self.corrector.observe(self._q, stamp_ns * 1e-9)
+        reason = self.corrector.observe(self._q, stamp_ns * 1e-9,
+                                        rosmsg.velocities_from_joint_state(msg, self.names))
         if reason:
             self.get_logger().info(f"taking over on {self.human.topic}: {reason}")
 

@@ -7,9 +7,11 @@ It watches the joint positions during an episode and takes over from the policy 
     (below the table, inside the keep-out box, touching a wrong marker);
 then it drives with the scripted expert until the episode ends.
 
-Times are the joint states' own stamps (when the robot measured them), never when a callback received them:
-a burst of messages delivered together must not look like a fast motion. A sample that is not newer than
-the previous one, or more than MAX_GAP_S after it, makes no prediction.
+The prediction extrapolates the joints at the robot's own measured velocity (JointState.velocity) and
+takes the tips of that pose. Without a velocity it differences positions by the joint states' own stamps
+(when the robot measured them), never by when a callback received them: a burst of messages delivered
+together must not look like a fast motion; a sample that is not newer than the previous one, or more than
+MAX_GAP_S after it, then makes no prediction.
 """
 from __future__ import annotations
 
@@ -49,9 +51,9 @@ class Corrector:
         self.task, self.active, self._prev = None, False, None
         return was_active
 
-    def observe(self, q: np.ndarray, t: float) -> str | None:
-        """Feed a joint state measured at time t (its stamp, seconds). Returns the reason when the corrector
-        takes over now."""
+    def observe(self, q: np.ndarray, t: float, v: np.ndarray | None = None) -> str | None:
+        """Feed a joint state measured at time t (its stamp, seconds), with the measured joint velocities v
+        when the robot reports them. Returns the reason when the corrector takes over now."""
         if self.task is None or self.active:
             return None
         tips = self.kin.tips(q)
@@ -60,9 +62,16 @@ class Corrector:
             self._best, self._last_progress_t = dist, float(t)
         reason = None
         prev, self._prev = self._prev, (float(t), tips)
-        if prev is not None and 0 < t - prev[0] <= MAX_GAP_S and dist > 2 * SUCCESS_RADIUS:
+        predicted = None  # tip positions lookahead_s ahead (none when about to succeed)
+        if dist <= 2 * SUCCESS_RADIUS:
+            predicted = None
+        elif v is not None and np.shape(v) == np.shape(q) and np.all(np.isfinite(v)):
+            ahead = np.clip(np.asarray(q) + np.asarray(v) * self.lookahead_s, self.kin.lower, self.kin.upper)
+            predicted = self.kin.tips(ahead)
+        elif prev is not None and 0 < t - prev[0] <= MAX_GAP_S:
             k = self.lookahead_s / (t - prev[0])
             predicted = {s: p + k * (p - prev[1][s]) for s, p in tips.items()}
+        if predicted is not None:
             why = self.task.violation(predicted)
             if why:
                 reason = f"about to break keep-out: {why}"
