@@ -59,7 +59,7 @@ def n_step_advantage(ret: np.ndarray, value: np.ndarray, episode_index: np.ndarr
     the reward sum is (R_t - R_{t+n}) / M, and R and V past the episode's last frame are 0.
 
     Frames may be a subsample of the ticks (``frame_index`` = tick). When tick t + n is not a frame, the
-    bootstrap uses the last frame before it, t + k (k < n): A_t = (R_t - R_{t+k}) / max_len + V(o_{t+k}) - V(o_t),
+    bootstrap uses the last frame before it, t + k (k < n): A_t = (R_t - R_{t+k}) / M + V(o_{t+k}) - V(o_t),
     the same estimator with the horizon the data has; with a stride dividing n it is exactly the n-step form."""
     ret, value = np.asarray(ret, np.float64), np.asarray(value, np.float64)
     fi = np.asarray(frame_index, np.int64)
@@ -83,12 +83,13 @@ def episode_advantage(ret: np.ndarray, value: np.ndarray, max_len: int | np.ndar
     """Pre-training form (the paper's): A_t = sum_{t'>=t} r_t' / M - V(o_t) = R_t / M - V(o_t), R_t the
     undiscounted reward-to-go to the episode's end and M the episode's own maximum length.
 
-    Where it differs from the fine-tuning form (:func:`n_step_advantage`): no bootstrap (the whole remaining
-    episode's rewards, Monte-Carlo; pre-training data are demonstrations, not roll-outs of the policy V was fit
-    to), and the reward sum is not clipped. The clip to [-1, 0] belongs to V's targets (the bins); here it would
-    flatten every failure frame to -1 - V. Unclipped, a failure frame's A includes -C_fail / M and its remaining
-    steps, so it ranks below the same frame of a success. The N-step form never clips either: its reward sum is
-    (R_t - R_{t+N}) / M, at most N steps plus C_fail."""
+    Where it differs from the fine-tuning form (:func:`n_step_advantage`): no bootstrap V(o_{t+N}), the whole
+    remaining episode's rewards instead (Monte-Carlo: one value call per sample rather than two, which is what
+    the paper gives for the pre-training form; more variance than the N-step form), and the reward sum is not
+    clipped. The clip to [-1, 0] belongs to V's targets (the bins); here it would flatten every failure frame to
+    -1 - V. Unclipped, a failure frame's A includes -C_fail / M and its remaining steps, so it ranks below the
+    same frame of a success. The N-step form never clips either: its reward sum is (R_t - R_{t+N}) / M, at most
+    N steps plus C_fail."""
     R, v = np.asarray(ret, np.float64), np.asarray(value, np.float64)
     if R.shape != v.shape:
         raise ValueError(f"return {R.shape} and value {v.shape} shapes differ")
