@@ -67,6 +67,30 @@ def stop_node(proc: subprocess.Popen, timeout: float = 10.0) -> float:
     return time.monotonic() - t0
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie is gone for our purposes)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of ``pid``'s children, their children, and so on."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        p, pp = map(int, line.split())
+        children.setdefault(pp, []).append(p)
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
+
+
 # Tests that measure rates or latencies on the shared 2-core machine (CI runs everything on one): a run that
 # other load disturbed is measured again, up to twice; a real regression fails all three runs.
 TIMING = pytest.mark.flaky(reruns=2, reruns_delay=2)

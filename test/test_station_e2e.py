@@ -2,7 +2,6 @@
 drives the robot through the mux (the scripted corrector takes over when it stalls), episodes are recorded
 with their outcome, SIGINT stops every process within 5 s, and the recorded bags export to a RECAP dataset
 whose labels equal the hand-computed ones."""
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import yaml
-from helpers import TIMING
+from helpers import TIMING, alive, descendants
 
 from recap_ros import paths
 from recap_ros.station import load_station
@@ -26,21 +25,6 @@ def station_file(tmp_path):
     f = tmp_path / "sim.yaml"
     f.write_text(yaml.safe_dump(data))
     return f
-
-
-def _children(pid):
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is gone for our purposes
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
 
 
 @TIMING
@@ -87,7 +71,7 @@ def test_sim_station_runs_and_stops(rclpy_context, spin, station_file, tmp_path)
             assert proc.poll() is None, (tmp_path / "station.log").read_text()[-3000:]
             time.sleep(0.5)
     finally:
-        nodes = _children(proc.pid)
+        nodes = descendants(proc.pid)
         t_int = time.monotonic()
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=30)
@@ -97,7 +81,7 @@ def test_sim_station_runs_and_stops(rclpy_context, spin, station_file, tmp_path)
     assert rc == 0, text[-3000:]
     assert elapsed <= 5.5, f"station took {elapsed:.1f} s to stop\n{text[-3000:]}"
     assert "ignored SIGINT" not in text
-    assert nodes and not any(_alive(p) for p in nodes)
+    assert nodes and not any(alive(p) for p in nodes)
     labelled = _labelled_bags(tmp_path / "bags")
     assert len(labelled) >= 2, "fewer than two episode bags with an outcome label"
 
