@@ -1,6 +1,7 @@
 """Station schema: both shipped stations load; bad files are refused with one message naming file, key, value."""
 import copy
 
+import numpy as np
 import pytest
 import yaml
 
@@ -159,3 +160,27 @@ def test_hardware_template_estop_has_a_heartbeat():
     (estop,) = load_station("bimanual_aloha").mux.locks
     assert (estop.name, estop.topic, estop.priority, estop.latching, estop.heartbeat_timeout_s) == \
         ("estop", "/estop", 255, True, 0.5)
+
+
+def test_hardware_template_holds_the_robot_when_the_estop_publisher_dies():
+    from recap_ros.control.mux import HOLD, TeleopMux
+
+    st = load_station("bimanual_aloha")
+    mux = TeleopMux(st.mux, st.robot)
+    q = np.array([(j.lower + j.upper) / 2 for j in st.robot.joints])
+    clock = [100.0]
+
+    def tick(estop_publishes: bool):
+        clock[0] += 0.02  # one control period
+        mux.on_joint_state(q, clock[0])
+        mux.on_command("policy", q, clock[0])
+        if estop_publishes:
+            mux.on_lock("estop", False, clock[0])
+        return mux.tick(clock[0])
+
+    assert [tick(True).source for _ in range(10)][-1] == "policy"
+    silent = [tick(False) for _ in range(30)]  # ticks 0.02, 0.04, ... s after the last heartbeat
+    held_after_s = 0.02 * ([t.source for t in silent].index(HOLD) + 1)
+    assert 0.5 <= held_after_s <= 0.52 + 1e-9
+    assert "lock 'estop' heartbeat lost (silent" in silent[-1].reason
+    assert tick(True).source == "policy"  # the publisher is back: its next false releases the lock
