@@ -294,8 +294,8 @@ def test_corrector_logic_validates_input(env):
 
 
 def test_corrector_predicts_from_measured_velocity_not_from_bunched_stamps(env):
-    """A robot loop that catches up a late tick publishes two joint states 0.1 ms apart although the arm moved
-    a whole 20-ms tick between them: differencing those stamps makes a 200x velocity and a false keep-out alarm
+    """A robot loop that catches up after a stall publishes joint states 0.1 ms apart although the arm moved a
+    whole 20-ms tick between each: differencing those stamps makes a 200x velocity and a false keep-out alarm
     (the live station's false takeovers). With the measured velocities the expert is never taken over."""
     def run(use_velocity):
         task = env.reset(seed=9)
@@ -306,7 +306,7 @@ def test_corrector_predicts_from_measured_velocity_not_from_bunched_stamps(env):
         stamp = 0.0
         while not env.status.done:
             env.step(expert.act(env.state))
-            stamp += env.dt if env.steps % 4 else 1e-4  # every 4th tick caught up right after the previous one
+            stamp += env.dt if env.steps % 10 >= 4 else 1e-4  # a stall, then 4 ticks published in a burst
             reason = corrector.observe(env.state, stamp, env.velocity if use_velocity else None)
             if reason:
                 return reason

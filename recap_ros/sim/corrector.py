@@ -4,7 +4,7 @@ It watches the joint positions during an episode and takes over from the policy 
   * the named arm's tip has made no progress toward the target (PROGRESS_M closer than its best so far)
     for `patience_s`, or
   * a tip, extrapolated LOOKAHEAD_S ahead at its current velocity, would break a keep-out rule
-    (below the table, inside the keep-out box, touching a wrong marker);
+    (below the table, inside the keep-out box, touching a wrong marker) on CONFIRM consecutive samples;
 then it drives with the scripted expert until the episode ends.
 
 The prediction extrapolates the joints at the robot's own measured velocity (JointState.velocity) and
@@ -24,6 +24,8 @@ from recap_ros.sim.task import SUCCESS_RADIUS, Task
 PROGRESS_M = 0.01     # m: a new best distance must beat the old one by this much to count as progress
 LOOKAHEAD_S = 0.25    # s: horizon of the keep-out prediction
 MAX_GAP_S = 0.1       # s: samples further apart than this are not differenced into a velocity
+CONFIRM = 3           # consecutive samples that must predict a violation (60 ms at 50 Hz): one jittery
+                      # velocity sample (a command applied twice or skipped on the way) is no reason to grab
 
 
 class Corrector:
@@ -38,11 +40,12 @@ class Corrector:
         self._best = np.inf
         self._last_progress_t = 0.0
         self._prev: tuple[float, dict[str, np.ndarray]] | None = None
+        self._alarms = 0  # consecutive samples predicting a violation
 
     def start(self, task: Task, t: float) -> None:
         """A new episode began at time t (seconds, any clock that observe() also uses)."""
         self.task, self.active, self.reason = task, False, ""
-        self._best, self._last_progress_t, self._prev = np.inf, float(t), None
+        self._best, self._last_progress_t, self._prev, self._alarms = np.inf, float(t), None, 0
         self.expert.reset(task)
 
     def end(self) -> bool:
@@ -71,10 +74,10 @@ class Corrector:
         elif prev is not None and 0 < t - prev[0] <= MAX_GAP_S:
             k = self.lookahead_s / (t - prev[0])
             predicted = {s: p + k * (p - prev[1][s]) for s, p in tips.items()}
-        if predicted is not None:
-            why = self.task.violation(predicted)
-            if why:
-                reason = f"about to break keep-out: {why}"
+        why = self.task.violation(predicted) if predicted is not None else None
+        self._alarms = self._alarms + 1 if why else 0
+        if self._alarms >= CONFIRM:
+            reason = f"about to break keep-out: {why}"
         if reason is None and t - self._last_progress_t > self.patience_s:
             reason = f"no progress toward the {self.task.colour} marker for {t - self._last_progress_t:.1f} s"
         if reason:
