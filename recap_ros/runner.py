@@ -178,5 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     stop.ignore_further()
     return rc
 
+
 if __name__ == "__main__":
     sys.exit(main())
