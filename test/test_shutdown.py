@@ -254,11 +254,11 @@ class _Terminal:
                                       str(station_file)], stdin=slave, stdout=slave, stderr=slave, cwd=REPO)
         os.close(slave)
         self._closing = threading.Event()
-        self._copier = threading.Thread(target=self._copy, args=(log_path,), daemon=True)
+        self._copier = threading.Thread(target=self._copy, args=(open(log_path, "wb"),), daemon=True)
         self._copier.start()
 
-    def _copy(self, log_path):
-        with open(log_path, "ab") as log:
+    def _copy(self, log):
+        with log:
             while not self._closing.is_set():
                 if select.select([self.master], [], [], 0.05)[0]:
                     try:
