@@ -149,6 +149,7 @@ class Probe:
 
     def close(self) -> None:
         self.executor.shutdown(timeout_sec=2)
+        self.thread.join(timeout=2)
         self.node.destroy_node()
         self.rclpy.try_shutdown()
 

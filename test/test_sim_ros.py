@@ -121,8 +121,11 @@ def test_sim_robot_node(rclpy_context, spin, processes):
     command_pub.publish(rosmsg.joint_state_msg(names[:5], np.zeros(5), 0))   # bad: missing joints -> ignored
     target = q0.copy()
     target[0] += 0.8      # left_waist: 0.4 s at 2 rad/s
+    command_pub.publish(rosmsg.joint_state_msg(names, target, start["stamp_ns"] - 1))  # before the episode began
+    time.sleep(0.3)
+    assert np.allclose(rec.data["joints"][-1][1].position, q0, atol=1e-9), "followed a previous episode's command"
     t_cmd = time.monotonic()
-    command_pub.publish(rosmsg.joint_state_msg(names, target, 0))
+    command_pub.publish(rosmsg.joint_state_msg(names, target, rosmsg.now_ns(node)))
     assert rec.wait(lambda: abs(rec.data["joints"][-1][1].position[0] - target[0]) < 1e-3, 5.0), "arm did not move"
     traj = [(t, m) for t, m in rec.since("joints", t_cmd)]
     pos = np.array([m.position for _, m in traj])
@@ -152,8 +155,9 @@ def _log(log):
 
 
 def test_scripted_corrector_takes_over_a_stalled_policy(rclpy_context, spin, processes, tmp_path):
-    """No policy drives: the corrector takes over after its patience, switches the mux to teleop and its
-    expert commands (forwarded here as the mux would) finish the episode; then it hands back."""
+    """No policy drives: the corrector takes over after its patience by publishing on its own mux input, its
+    expert commands (forwarded here as the mux would, which also announces the corrector as the active source)
+    finish the episode; then it hands back (mode "policy") because it was the active source."""
     import yaml
     from rclpy.node import Node
     from sensor_msgs.msg import JointState
@@ -171,8 +175,14 @@ def test_scripted_corrector_takes_over_a_stalled_policy(rclpy_context, spin, pro
     node.create_subscription(String, "/episode/events", rec.callback("events"), rosmsg.EVENT_QOS)
     node.create_subscription(String, "/mux/mode", rec.callback("mode"), rosmsg.COMMAND_QOS)
     robot_pub = node.create_publisher(JointState, "/robot/command", rosmsg.COMMAND_QOS)
-    node.create_subscription(JointState, "/teleop/command", lambda m: robot_pub.publish(m), rosmsg.COMMAND_QOS)
-    node.create_subscription(JointState, "/teleop/command", rec.callback("teleop"), rosmsg.COMMAND_QOS)
+    active_pub = node.create_publisher(String, "/mux/active_source", rosmsg.LATCHED_QOS)
+
+    def forward(m):  # the mux: the corrector preempts the policy and drives
+        if not rec.data["corrector"]:
+            active_pub.publish(String(data="corrector"))
+        robot_pub.publish(m)
+    node.create_subscription(JointState, "/corrector/command", forward, rosmsg.COMMAND_QOS)
+    node.create_subscription(JointState, "/corrector/command", rec.callback("corrector"), rosmsg.COMMAND_QOS)
     spin(node)
     sim, sim_log = processes.start("sim_robot", str(path))
     time.sleep(3.0)  # the corrector joins after the first episode started: it gets the start event from history
@@ -185,8 +195,8 @@ def test_scripted_corrector_takes_over_a_stalled_policy(rclpy_context, spin, pro
     end = next(e for e in events if e["event"] == "end")
     assert end["success"] and end["reason"] == "success", (end, _log(corrector_log))
     modes = lambda: [m.data for _, m in rec.data["mode"]]  # noqa: E731
-    assert rec.wait(lambda: "teleop" in modes() and "policy" in modes(), 5.0), modes()
-    assert len(rec.data["teleop"]) > 20
-    assert "taking over: no progress" in _log(corrector_log)
+    assert rec.wait(lambda: modes() == ["policy"], 5.0), modes()  # the hand-back; the takeover needs no mode
+    assert len(rec.data["corrector"]) > 20
+    assert "taking over on /corrector/command: no progress" in _log(corrector_log)
     for proc, log in ((sim, sim_log), (corrector, corrector_log)):
         assert stop_node(proc) < 5.0 and proc.returncode == 0, _log(log)

@@ -26,7 +26,8 @@ P, T = np.full(14, 0.1), np.full(14, 0.3)  # what the policy and the teleoperato
 
 
 class Probe:
-    """Publishes the mux inputs (a 50 Hz feeder thread per input) and records what the mux publishes."""
+    """Publishes the mux inputs (a 50 Hz feeder thread per input), records what the mux publishes and plays an
+    ideal robot: once the mux commands, the joint states it publishes at 50 Hz are the last command."""
 
     def __init__(self, st, name="mux_probe"):
         from diagnostic_msgs.msg import DiagnosticArray
@@ -86,6 +87,8 @@ class Probe:
     def _feed(self):
         next_t = time.monotonic()
         while not self._stop.is_set():
+            if self.cmd:  # the robot is where it was told to be
+                self.js.publish(self.joint_state_msg(NAMES, self.cmd[-1][1], 0))
             for name, q in list(self.feed.items()):
                 self.send(name, q)
             next_t += 0.02
