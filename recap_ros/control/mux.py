@@ -317,7 +317,9 @@ class TeleopMux:
             target = self.inputs[source].positions
         dt = self.period_s if self._last_tick_s is None else min(max(now - self._last_tick_s, 0.0), self.period_s)
         step = self.max_velocity * dt
-        out = self.output + np.clip(target - self.output, -step, step)
+        delta = target - self.output
+        # within the limit: the target itself (bit for bit: a + (b - a) need not equal b in floating point)
+        out = np.where(np.abs(delta) <= step, target, self.output + np.clip(delta, -step, step))
         self.converging = bool(np.any(np.abs(target - out) > 1e-12))
         self.output = out
         self._last_tick_s = now
