@@ -85,7 +85,7 @@ def test_runner_starts_every_node_with_the_profile_env(monkeypatch, tmp_path, pr
     seen = []
 
     class FakePopen:
-        def __init__(self, cmd, env, start_new_session):
+        def __init__(self, cmd, env, start_new_session, **_):  # preexec_fn: the parent-death signal
             seen.append(env)
             self.pid = 1000 + len(seen)
 

@@ -384,6 +384,7 @@ def test_float64_multi_array_station_rejects_13_elements_and_stops_on_sigint(rcl
     data = yaml.safe_load(paths.station_file("sim").read_text())
     data["robot"]["command_type"] = "float64_multi_array"
     data["robot"]["command_topic"] = "/fma/command"
+    data["robot"]["joint_states_topic"] = "/fma/joint_states"  # not the module mux's ideal robot
     data["mux"]["mode_topic"] = "/fma/mode"
     data["mux"]["inputs"][1]["type"] = "float64_multi_array"
     data["mux"]["inputs"][1]["topic"] = "/fma/teleop"
