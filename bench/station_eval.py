@@ -19,6 +19,7 @@ counted by reason from the corrector's log, and the bags land in ``--out``/bags.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -37,7 +38,6 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sim_policy_eval import HELD_OUT_SEED, wilson  # noqa: E402
 
-from recap_ros import paths  # noqa: E402
 from recap_ros.station import load_station  # noqa: E402
 
 TAKEOVER_RE = re.compile(r"taking over on \S+: ([^:(]+)")
@@ -45,7 +45,7 @@ TAKEOVER_RE = re.compile(r"taking over on \S+: ([^:(]+)")
 
 def station_file(base: str, out: Path, bundle: str | None, corrector: bool) -> Path:
     """A copy of the station with bags under ``out``, the bundle and the corrector as asked."""
-    data = yaml.safe_load(paths.station_file(base).read_text() if not os.path.exists(base) else Path(base).read_text())
+    data = copy.deepcopy(load_station(base).raw)
     data["recorder"]["output_dir"] = str(out / "bags")
     data["sim"]["corrector"] = bool(corrector)
     if bundle:

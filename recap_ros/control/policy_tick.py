@@ -2,8 +2,9 @@
 
 Inputs are events: ``start`` / ``stop``, ``reset`` (new prompt), ``episode`` (an episode started / ended at
 a stamp), ``active`` (the mux's active source), ``joint`` (measured position + stamp), ``image`` (camera i's
-newest stamp) and ``result`` (an inference result for a plan request). :meth:`PolicyTick.step` runs one tick at a given time and returns the joint command to
-publish (or None); everything else it has to say goes to the ``report`` callback as ``(kind, *args)``:
+newest stamp) and ``result`` (an inference result for a plan request). :meth:`PolicyTick.step` runs one tick
+at a given time and returns the joint command to publish (or None); everything else it has to say goes to the
+``report`` callback as ``(kind, *args)``:
 
 * ``("plan", request, q, now_ns)``: plan a chunk from the observation at now_ns, starting at position q;
 * ``("accepted", request, accepted, tick, now_ns)``, ``("rejected", request, reason, current)``,

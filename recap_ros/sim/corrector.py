@@ -65,15 +65,14 @@ class Corrector:
             self._best, self._last_progress_t = dist, float(t)
         reason = None
         prev, self._prev = self._prev, (float(t), tips)
-        predicted = None  # tip positions lookahead_s ahead (none when about to succeed)
-        if dist <= 2 * SUCCESS_RADIUS:
-            predicted = None
-        elif v is not None and np.shape(v) == np.shape(q) and np.all(np.isfinite(v)):
-            ahead = np.clip(np.asarray(q) + np.asarray(v) * self.lookahead_s, self.kin.lower, self.kin.upper)
-            predicted = self.kin.tips(ahead)
-        elif prev is not None and 0 < t - prev[0] <= MAX_GAP_S:
-            k = self.lookahead_s / (t - prev[0])
-            predicted = {s: p + k * (p - prev[1][s]) for s, p in tips.items()}
+        predicted = None  # tip positions lookahead_s ahead; none when about to succeed
+        if dist > 2 * SUCCESS_RADIUS:
+            if v is not None and np.shape(v) == np.shape(q) and np.all(np.isfinite(v)):
+                ahead = np.clip(np.asarray(q) + np.asarray(v) * self.lookahead_s, self.kin.lower, self.kin.upper)
+                predicted = self.kin.tips(ahead)
+            elif prev is not None and 0 < t - prev[0] <= MAX_GAP_S:
+                k = self.lookahead_s / (t - prev[0])
+                predicted = {s: p + k * (p - prev[1][s]) for s, p in tips.items()}
         why = self.task.violation(predicted) if predicted is not None else None
         self._alarms = self._alarms + 1 if why else 0
         if self._alarms >= CONFIRM:
