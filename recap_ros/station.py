@@ -25,6 +25,7 @@ COMMAND_TYPES = ("joint_state", "float64_multi_array")
 CAMERA_ROLES = ("base", "left_wrist", "right_wrist")
 RESIZE_MODES = ("letterbox", "resize")
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+DEFAULT_RAMP_S = 0.1  # default max_acceleration = max_velocity / this (a joint reaches full speed in 0.1 s)
 BETA_MIN, BETA_MAX = 1.5, 2.5
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _TOPIC_RE = re.compile(r"^/?[A-Za-z][A-Za-z0-9_/]*$")
@@ -45,6 +46,7 @@ class Joint:
     lower: float
     upper: float
     max_velocity: float  # rad/s (or unit/s for grippers)
+    max_acceleration: float  # rad/s² (unit/s²); default max_velocity / DEFAULT_RAMP_S: full speed in 0.1 s
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,10 @@ class Robot:
     @property
     def max_velocity(self) -> list[float]:
         return [j.max_velocity for j in self.joints]
+
+    @property
+    def max_acceleration(self) -> list[float]:
+        return [j.max_acceleration for j in self.joints]
 
     @property
     def period_s(self) -> float:
@@ -155,8 +161,8 @@ class Mux:
     inputs: tuple[MuxInput, ...]
     locks: tuple[MuxLock, ...]
     joint_state_timeout_s: float = 0.2  # no joint state for this long -> hold (the robot's position is unknown)
-    tracking_tolerance_s: float = 0.15  # output farther than max_velocity * this from the measured position ->
-    #                                     re-anchored at the measured position (the robot was moved or reset)
+    tracking_tolerance_s: float = 0.15  # per joint max_velocity * this: a command farther from the measured
+    #                                     position holds (diagnostics ERROR); an output that far is re-anchored
 
     def input(self, name: str) -> MuxInput:
         for i in self.inputs:
@@ -359,7 +365,9 @@ def _joints(r: _Reader) -> tuple[Joint, ...]:
         lower, upper = jr.num("lower"), jr.num("upper")
         if not lower < upper:
             raise jr.fail("upper", upper, f"must be greater than lower ({lower})")
-        joints.append(Joint(name, lower, upper, jr.num("max_velocity", lo=0.0, lo_open=True)))
+        vmax = jr.num("max_velocity", lo=0.0, lo_open=True)
+        joints.append(Joint(name, lower, upper, vmax,
+                            jr.num("max_acceleration", vmax / DEFAULT_RAMP_S, lo=0.0, lo_open=True)))
     return tuple(joints)
 
 
