@@ -4,9 +4,10 @@ The policy returns a chunk of H absolute joint targets; ``chunk[0]`` belongs to 
 observation was taken. Inference takes d ticks, so when a chunk arrives its first d actions are already in the
 past: :class:`ChunkExecutor` starts it at index d, and cross-fades from the chunk that was running to the new
 one over k ticks. Re-planning is requested once the running chunk has reached index s (``replan_every``), while
-it keeps executing. Every command then passes the safety stage: clamp to the joint limits, limit the step
-from the previous command to ``max_velocity * dt`` (scaling the whole step so coordinated motion keeps its
-direction), and never emit a non-finite value.
+it keeps executing. Every command then passes the safety stage, the station's one limiter
+(:class:`~recap_ros.control.limits.Limiter`: position, velocity and acceleration limits per joint; after
+missed ticks the chunk index skips ahead but the command still moves one tick's step), and never emits a
+non-finite value.
 
 Holds: the executor repeats its last command (never jumps) when
 
@@ -23,44 +24,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from recap_ros.control.limits import JointLimits, Limiter
+
 HOLD_OVERRUN = "overrun: chunk exhausted before the next chunk arrived"
 HOLD_NO_CHUNK = "waiting for the first chunk"
 
 
 class ChunkRejected(ValueError):
     """A chunk cannot be executed; the message says why (shape, non-finite values, too late, stale)."""
-
-
-@dataclass(frozen=True)
-class JointLimits:
-    lower: np.ndarray
-    upper: np.ndarray
-    max_velocity: np.ndarray
-    dt: float
-
-    @classmethod
-    def from_robot(cls, robot) -> "JointLimits":
-        """From a :class:`recap_ros.station.Robot` (joint limits, velocity limits, control period)."""
-        return cls(np.asarray(robot.lower, dtype=np.float64), np.asarray(robot.upper, dtype=np.float64),
-                   np.asarray(robot.max_velocity, dtype=np.float64), float(robot.period_s))
-
-    @property
-    def n(self) -> int:
-        return len(self.lower)
-
-    @property
-    def max_step(self) -> np.ndarray:
-        """Largest allowed per-tick change of each joint."""
-        return self.max_velocity * self.dt
-
-    def clamp(self, q: np.ndarray) -> np.ndarray:
-        return np.clip(q, self.lower, self.upper)
-
-    def limit_step(self, prev: np.ndarray, target: np.ndarray, ticks: int = 1) -> np.ndarray:
-        """Move from prev toward target by at most ``max_step * ticks`` per joint, keeping the direction."""
-        delta = target - prev
-        ratio = float(np.max(np.abs(delta) / (self.max_step * ticks)))
-        return prev + delta / ratio if ratio > 1.0 else target.copy()
 
 
 @dataclass(frozen=True)
@@ -129,7 +100,7 @@ class ChunkExecutor:
         self.tick = 0
         self.generation = 0
         self.holds = 0                      # transitions into hold
-        self._command: np.ndarray | None = None
+        self._out = Limiter(limits)         # the command: its position (None until reset) and last step
         self._hold_target: np.ndarray | None = None  # where a hold goes (velocity-limited): reset position or stop
         self._chunk: np.ndarray | None = None
         self._chunk_tick = 0                # tick of the running chunk's index 0
@@ -145,11 +116,11 @@ class ChunkExecutor:
     @property
     def ready(self) -> bool:
         """True once a start position is known (after :meth:`reset`)."""
-        return self._command is not None
+        return self._out.position is not None
 
     @property
     def command(self) -> np.ndarray | None:
-        return None if self._command is None else self._command.copy()
+        return None if self._out.position is None else self._out.position.copy()
 
     @property
     def hold_reason(self) -> str | None:
@@ -169,11 +140,8 @@ class ChunkExecutor:
         """Start (again) from the measured position q: drop the chunk and any request in flight; the command
         is q (where the robot is: after a reset, a hand-back or a move by someone else, commanding the old
         command would drive the robot back to it)."""
-        q = np.asarray(q, dtype=np.float64)
-        if q.shape != (self.limits.n,) or not np.all(np.isfinite(q)):
-            raise ValueError(f"reset position must be {self.limits.n} finite values, got {q}")
-        self._hold_target = self.limits.clamp(q)
-        self._command = self._hold_target.copy()
+        self._out.reset(q)  # raises ValueError for a position that is not n finite values
+        self._hold_target = self._out.position.copy()
         self._chunk = self._fade_from = self._fade_start = self._in_flight = None
         self.generation += 1
         self._set_hold(HOLD_NO_CHUNK)
@@ -181,8 +149,8 @@ class ChunkExecutor:
     def hold(self, reason: str) -> None:
         """Stop at the last command and drop the running chunk; a new chunk resumes motion (cross-faded)."""
         self._chunk = self._fade_from = self._fade_start = None
-        if self._command is not None:
-            self._hold_target = self._command.copy()
+        if self._out.position is not None:
+            self._hold_target = self._out.position.copy()
         self._set_hold(reason)
 
     def wants_plan(self) -> bool:
@@ -223,18 +191,19 @@ class ChunkExecutor:
         replaced = self.ticks_on_chunk
         if self.crossfade_ticks > 0:
             self._fade_from, self._fade_from_tick = self._chunk, self._chunk_tick
-            self._fade_hold = self._command.copy()
+            self._fade_hold = self._out.position.copy()
             self._fade_start = self.tick
         self._chunk, self._chunk_tick, self._chunk_accepted = arr, request.tick, self.tick
         self._hold_reason = None
         return Accepted(delay, chunk_stats(arr, self.limits), replaced)
 
     def step(self, ticks: int = 1) -> Tick | None:
-        """Advance by ``ticks`` control periods (more than 1 after a missed deadline) and return the command.
+        """Advance by ``ticks`` control periods (more than 1 after a missed deadline) and return the command:
+        the chunk index skips the missed ticks, the command moves at most one tick's limited step.
 
         None until :meth:`reset` gave a start position.
         """
-        if self._command is None:
+        if self._out.position is None:
             return None
         self.tick += ticks - 1  # deadlines missed since the last step
         index = self.tick - self._chunk_tick
@@ -251,14 +220,13 @@ class ChunkExecutor:
                 else:
                     w = (j + 1) / (self.crossfade_ticks + 1)
                     target = (1.0 - w) * self._fade_source() + w * target
-        cmd = self.limits.limit_step(self._command, self.limits.clamp(target), ticks)
-        if np.all(np.isfinite(cmd)):
-            self._command = cmd
-        else:  # unreachable with validated chunks; the last line of defence against NaN on the wire
+        try:
+            cmd = self._out.step(target)
+        except ValueError:  # unreachable with validated chunks; the last line of defence against NaN on the wire
             self.hold("non-finite command computed")
-            index = -1
+            index, cmd = -1, self._out.position.copy()
         self.tick += 1
-        return Tick(self._command.copy(), index, self._hold_reason)
+        return Tick(cmd, index, self._hold_reason)
 
     def _fade_source(self) -> np.ndarray:
         if self._fade_from is None:
