@@ -18,6 +18,7 @@ CLIS = {
     "recap-label": "recap_ros.recap.cli:label_main",
     "recap-train-policy": "recap_ros.recap.cli:train_policy_main",
     "recap-sim-demos": "recap_ros.sim.cli:demos_main",
+    "recap-serve": "recap_ros.serve.cli:main",
 }
 
 
@@ -65,6 +66,8 @@ setup(
         "transforms3d>=0.4",      # sim kinematics
         "sentencepiece>=0.2",     # tokenizer.model of real checkpoints
         "ruamel.yaml>=0.17",      # rosbag2 metadata.yaml, written as rosbags does
+        "websockets>=13",         # recap-serve / remote backend: openpi's websocket policy protocol
+        "msgpack>=1.0",           # its msgpack-numpy frames
     ],
     extras_require={
         # A machine without a ROS 2 install: the Kilted wheels from PyPI. A ROS machine keeps its own rclpy.

@@ -24,11 +24,13 @@ N_JOINTS = 14
 COMMAND_TYPES = ("joint_state", "float64_multi_array")
 CAMERA_ROLES = ("base", "left_wrist", "right_wrist")
 RESIZE_MODES = ("letterbox", "resize")
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "remote")  # remote: a recap-serve (policy.server)
 DEFAULT_RAMP_S = 0.1  # default max_acceleration = max_velocity / this (a joint reaches full speed in 0.1 s)
 BETA_MIN, BETA_MAX = 1.5, 2.5
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _TOPIC_RE = re.compile(r"^/?[A-Za-z][A-Za-z0-9_/]*$")
+_SERVER_RE = re.compile(r"^wss?://[^\s/?#]+(/\S*)?$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class StationConfigError(ValueError):
@@ -129,6 +131,8 @@ class Policy:
     beta_topic: str
     prompt_topic: str
     stats_topic: str
+    server: str = ""        # backend remote: ws:// or wss:// URL of a recap-serve
+    api_key_env: str = ""   # backend remote: environment variable holding its API key ("": none)
 
 
 @dataclass(frozen=True)
@@ -414,8 +418,9 @@ def _policy(r: _Reader) -> Policy:
     table = {}
     for task, b in table_r.data.items():
         table[str(task)] = _check_beta(table_r, str(task), table_r.num(str(task)))
+    backend = r.str("backend", "auto", choices=BACKENDS)
     return Policy(
-        bundle=r.str("bundle"), backend=r.str("backend", "auto", choices=BACKENDS),
+        bundle=r.str("bundle"), backend=backend,
         prompt=r.str("prompt"), beta=_check_beta(r, "beta", r.num("beta", 1.0)), beta_table=table,
         denoise_steps=r.num("denoise_steps", 5, lo=1, hi=100, integer=True),
         replan_every=r.num("replan_every", 25, lo=1, hi=50, integer=True),
@@ -427,7 +432,23 @@ def _policy(r: _Reader) -> Policy:
         beta_topic=r.topic("beta_topic", "/policy/beta"),
         prompt_topic=r.topic("prompt_topic", "/task/prompt"),
         stats_topic=r.topic("stats_topic", "/policy/chunk_stats"),
+        **_remote(r, backend),
     )
+
+
+def _remote(r: _Reader, backend: str) -> dict:
+    """policy.server (required) and policy.api_key_env (optional) of backend remote; refused with any other."""
+    if backend != "remote":
+        for k in ("server", "api_key_env"):
+            if k in r.data:
+                raise r.fail(k, r.data[k], "only used with backend: remote")
+        return {}
+    server, env = r.str("server"), r.str("api_key_env", "")
+    if not _SERVER_RE.match(server):
+        raise r.fail("server", server, "expected ws://host:port or wss://host:port")
+    if env and not _ENV_RE.match(env):
+        raise r.fail("api_key_env", env, "expected an environment variable name")
+    return {"server": server, "api_key_env": env}
 
 
 def _mux(r: _Reader, policy_topic: str) -> Mux:

@@ -180,7 +180,7 @@ class PolicyServer(Node):
         self.station, robot, pol = station, station.robot, station.policy
         p = self._param
         bundle = p("bundle", pol.bundle, "model bundle name or path")
-        backend = p("backend", pol.backend, "auto | torch | onnxruntime | tensorrt")
+        backend = p("backend", pol.backend, "auto | torch | onnxruntime | tensorrt | remote (policy.server)")
         self.prompt = p("prompt", pol.prompt, "task prompt until one arrives on the prompt topic").strip()
         replan_every = p("replan_every", pol.replan_every, "ticks executed before the next chunk is requested")
         crossfade = p("crossfade_ticks", pol.crossfade_ticks, "seam blend length in ticks")
@@ -202,7 +202,11 @@ class PolicyServer(Node):
         if ros_priority > 0:
             self.get_logger().info(f"ROS callback thread: {try_realtime(ros_priority)}")
 
-        if policy is None:
+        if policy is None and backend == "remote":
+            from recap_ros.serve.client import connect_remote
+
+            policy = connect_remote(pol, bundle, log=self.get_logger().warning)
+        elif policy is None:
             from recap_ros.policy import load_policy
 
             policy = load_policy(bundle, backend=backend, threads=threads or None)

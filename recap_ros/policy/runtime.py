@@ -40,6 +40,27 @@ class PolicyInfo:
     action_space: str = ACTION_SPACE
 
 
+def check_station(info: PolicyInfo, station) -> None:
+    """Raise PolicyError naming the first mismatch between a model (its :class:`PolicyInfo`) and a
+    recap_ros.station.Station: joint count, camera roles, joint order."""
+    where = (f"station '{station.name}' ({station.file}) vs policy bundle '{info.name}' "
+             f"({info.bundle_dir})")
+    n = len(station.robot.joints)
+    if n != info.state_dim or n != info.action_dim:
+        raise PolicyError(f"{where}: the station has {n} joints but the model's state/action dim is "
+                          f"{info.state_dim}/{info.action_dim}")
+    roles = {c.role for c in station.cameras}
+    missing = [r for r in info.camera_roles if r not in roles]
+    if missing:
+        raise PolicyError(f"{where}: the model needs camera roles {list(info.camera_roles)}, the station has "
+                          f"no camera with role {missing}")
+    if info.joint_names is not None:
+        for i, (a, b) in enumerate(zip(station.robot.joint_names, info.joint_names)):
+            if a != b:
+                raise PolicyError(f"{where}: joint {i} is '{a}' on the station but '{b}' in the model "
+                                  "(joint order must match the training data)")
+
+
 class Policy:
     def __init__(self, bundle: Bundle, backend):
         self.bundle, self.backend = bundle, backend
@@ -52,31 +73,18 @@ class Policy:
                                image_size=c.image_size, denoise_steps=c.denoise_steps,
                                exported_steps=bundle.onnx_steps, joint_names=tuple(names) if names else None,
                                normalization=c.normalization, action_space=bundle.action_space)
-        self._prompt_cache: tuple[str, dict] | None = None
+        self._prompt_cache: tuple[tuple[str, bool], dict] | None = None
 
     # ----------------------------------------------------------------------------------------- station
     def check_station(self, station) -> None:
         """Raise PolicyError naming the first mismatch between this bundle and a recap_ros.station.Station."""
-        where = (f"station '{station.name}' ({station.file}) vs policy bundle '{self.info.name}' "
-                 f"({self.info.bundle_dir})")
-        n = len(station.robot.joints)
-        if n != self.info.state_dim or n != self.info.action_dim:
-            raise PolicyError(f"{where}: the station has {n} joints but the model's state/action dim is "
-                              f"{self.info.state_dim}/{self.info.action_dim}")
-        roles = {c.role for c in station.cameras}
-        missing = [r for r in self.info.camera_roles if r not in roles]
-        if missing:
-            raise PolicyError(f"{where}: the model needs camera roles {list(self.info.camera_roles)}, the station has "
-                              f"no camera with role {missing}")
-        if self.info.joint_names is not None:
-            for i, (a, b) in enumerate(zip(station.robot.joint_names, self.info.joint_names)):
-                if a != b:
-                    raise PolicyError(f"{where}: joint {i} is '{a}' on the station but '{b}' in the model "
-                                      "(joint order must match the training data)")
+        check_station(self.info, station)
 
     # ----------------------------------------------------------------------------------------- inference
-    def prepare_inputs(self, images, state, prompt: str, seed: int, beta: float | None) -> dict[str, np.ndarray]:
-        """Validated, preprocessed backend inputs (the export I/O contract, batch 1)."""
+    def prepare_inputs(self, images, state, prompt: str, seed: int, beta: float | None,
+                       advantage: bool = True) -> dict[str, np.ndarray]:
+        """Validated, preprocessed backend inputs (the export I/O contract, batch 1). ``advantage``: True
+        conditions on "Advantage: positive", False leaves the indicator out (the unconditional policy)."""
         c = self.config
         if not isinstance(images, (list, tuple)) or len(images) != c.num_cameras:
             raise PolicyError(f"images: expected a list of {c.num_cameras} views {list(c.camera_roles)}, got "
@@ -96,8 +104,9 @@ class Policy:
             raise PolicyError(f"state: non-finite joint positions at indices {bad}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise PolicyError(f"seed: expected a non-negative integer, got {seed!r}")
-        if self._prompt_cache is None or self._prompt_cache[0] != prompt:
-            self._prompt_cache = (prompt, self.prompts.encode([prompt], [True]))
+        key = (prompt, bool(advantage))
+        if self._prompt_cache is None or self._prompt_cache[0] != key:
+            self._prompt_cache = (key, self.prompts.encode([prompt], [True if advantage else None]))
         feeds = dict(self._prompt_cache[1])
         feeds["images"] = np.stack(views)[None]
         feeds["state"] = self.bundle.norm_stats["state"].normalize(q, c.normalization).astype(np.float32)[None]
@@ -108,15 +117,21 @@ class Policy:
         return feeds
 
     def infer(self, images, state, prompt: str, beta: float = 1.0, seed: int = 0,
-              steps: int | None = None) -> np.ndarray:
-        """One action chunk: (chunk_len, action_dim) float64 absolute joint positions in robot units."""
+              steps: int | None = None, advantage: bool = True) -> np.ndarray:
+        """One action chunk: (chunk_len, action_dim) float64 absolute joint positions in robot units.
+        ``advantage`` False: no advantage indicator in the prompt (then β must be 1: CFG needs the indicator)."""
         if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta < 0:
             raise PolicyError(f"beta: expected a finite number >= 0 (1.0 = no guidance), got {beta!r}")
+        if not isinstance(advantage, (bool, np.bool_)):
+            raise PolicyError(f"advantage: expected true or false, got {advantage!r}")
+        if not advantage and float(beta) != 1.0:
+            raise PolicyError(f"advantage: false runs the unconditional policy; β = {beta} needs the advantage "
+                              "indicator (use β = 1)")
         steps = self.config.denoise_steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= 100:
             raise PolicyError(f"steps: expected an integer in [1, 100], got {steps!r}")
         guided = float(beta) != 1.0
-        feeds = self.prepare_inputs(images, state, prompt, seed, float(beta) if guided else None)
+        feeds = self.prepare_inputs(images, state, prompt, seed, float(beta) if guided else None, bool(advantage))
         out = self.backend.run(feeds, int(steps), float(beta) if guided else None)
         actions = self.bundle.norm_stats["actions"].unnormalize(out[0].astype(np.float64), self.config.normalization)
         if self.info.action_space != ACTION_SPACE:  # delta_joint_positions: relative to the observed state
