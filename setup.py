@@ -7,8 +7,8 @@ from setuptools import find_packages, setup
 
 PACKAGE = "recap_ros"
 
-NODES = ["sim_robot", "scripted_corrector", "camera_ingest", "policy_server", "cfg_guidance", "teleop_mux",
-         "episode_recorder"]
+NODES = ["sim_robot", "aloha_sim", "scripted_corrector", "camera_ingest", "policy_server", "cfg_guidance",
+         "teleop_mux", "episode_recorder"]
 CLIS = {
     "recap-station": "recap_ros.runner:main",
     "recap-build-engine": "recap_ros.policy.cli:build_engine_main",
@@ -74,6 +74,9 @@ setup(
         "standalone": ROS_WHEELS,
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-rerunfailures>=14"],
         "gpu": ["tensorrt>=10"],
+        # The MuJoCo ALOHA station (aloha_sim): gym-aloha's scenes and tasks (its internals are used: pinned).
+        # Headless rendering needs EGL from the system (README, "MuJoCo ALOHA station").
+        "aloha": ["gym-aloha==0.1.5", "mujoco>=3.2,<3.9", "dm-control>=1.0.15,<1.1"],
     },
     zip_safe=False,
     maintainer="recap_ros developers",

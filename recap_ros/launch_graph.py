@@ -50,8 +50,11 @@ def node_specs(station: Station, overrides: dict[str, dict[str, Any]] | None = N
     ns = _ns(station)
     specs: list[NodeSpec] = []
     if station.is_sim:
-        specs.append(NodeSpec("sim_robot", "sim_robot", ns, dict(base)))
-        if station.sim and station.sim.corrector:
+        # node name sim_robot for either simulator; MuJoCo ALOHA runs its corrector inside aloha_sim (the scripted
+        # expert reads the physics), the kinematic sim in the scripted_corrector node
+        aloha = station.sim.simulator == "aloha"
+        specs.append(NodeSpec("aloha_sim" if aloha else "sim_robot", "sim_robot", ns, dict(base)))
+        if station.sim.corrector and not aloha:
             specs.append(NodeSpec("scripted_corrector", "scripted_corrector", ns, dict(base)))
     for cam in station.cameras:
         if cam.source != "sim":

@@ -27,6 +27,8 @@ RESIZE_MODES = ("letterbox", "resize")
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "remote")  # remote: a recap-serve (policy.server)
 DEFAULT_RAMP_S = 0.1  # default max_acceleration = max_velocity / this (a joint reaches full speed in 0.1 s)
 BETA_MIN, BETA_MAX = 1.5, 2.5
+SIMULATORS = ("kinematic", "aloha")  # sim.simulator: the built-in kinematic sim (sim_robot), MuJoCo ALOHA (aloha_sim)
+ALOHA_TASKS = ("transfer_cube", "insertion")  # gym-aloha's tasks (sim.tasks of an aloha station)
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _TOPIC_RE = re.compile(r"^/?[A-Za-z][A-Za-z0-9_/]*$")
 _SERVER_RE = re.compile(r"^wss?://[^\s/?#]+(/\S*)?$")
@@ -194,6 +196,8 @@ class Sim:
     corrector_patience_s: float
     render_scale: float
     corrector_input: str = "corrector"  # the mux input the scripted corrector drives (human, below teleop)
+    simulator: str = "kinematic"  # one of SIMULATORS
+    tasks: tuple[str, ...] = ()   # aloha: the tasks episodes cycle through (episode k runs tasks[k % len])
 
 
 @dataclass(frozen=True)
@@ -509,7 +513,19 @@ def _sim(r: _Reader) -> Sim:
                corrector=r.bool("corrector", True),
                corrector_patience_s=r.num("corrector_patience_s", 4.0, lo=0.0, lo_open=True),
                render_scale=r.num("render_scale", 1.0, lo=0.0, lo_open=True, hi=1.0),
-               corrector_input=r.str("corrector_input", "corrector", pattern=_NAME_RE))
+               corrector_input=r.str("corrector_input", "corrector", pattern=_NAME_RE),
+               simulator=r.str("simulator", "kinematic", choices=SIMULATORS), tasks=_sim_tasks(r))
+
+
+def _sim_tasks(r: _Reader) -> tuple[str, ...]:
+    tasks = r.list("tasks", [])
+    if r.data.get("simulator", "kinematic") != "aloha":
+        if tasks:
+            raise r.fail("tasks", tasks, "only a station with sim.simulator aloha has tasks")
+        return ()
+    if not tasks or any(t not in ALOHA_TASKS for t in tasks):
+        raise r.fail("tasks", tasks, f"an aloha station needs a list of tasks from {', '.join(ALOHA_TASKS)}")
+    return tuple(tasks)
 
 
 def parse_station(data: Any, file: str = "<station>") -> Station:
