@@ -1,6 +1,10 @@
 """Unit tests of the ROS-free mux arbitration (recap_ros.control.mux): modes, priorities, preemption,
-override, locks (latching e-stop, masking by priority, heartbeat), timeouts, validation and step-limited
-handover. Time is driven explicitly (seconds), one control period = 20 ms."""
+override, locks (latching e-stop, masking by priority, heartbeat), timeouts, validation, limited handover,
+event-driven forwarding, the measured position and the tracking tolerance. Time is driven explicitly (seconds),
+one control period = 20 ms. Sim station limits: arms and grippers 2 rad/s and 20 rad/s² (a step of at most
+0.04 rad, speeding up by at most 0.008 rad per tick), wrists 3 rad/s and 30 rad/s² (0.06, 0.012); tracking
+tolerance 0.15 s x max_velocity = 0.3 rad (wrists 0.45 rad)."""
+import dataclasses
 import math
 
 import numpy as np
@@ -8,6 +12,7 @@ import pytest
 import yaml
 
 from recap_ros import paths
+from recap_ros.control.freshness import taken_ns, taken_s
 from recap_ros.control.mux import HOLD, TeleopMux
 from recap_ros.station import parse_station
 
@@ -44,16 +49,24 @@ def ready_mux(st, q0=None):
 
 
 def run(m, clock, n, feeds=(), robot=True):
-    """n ticks; before each, every (name, positions) in feeds publishes and (robot=True) an ideal robot
-    reports that it is at the last output. Returns the Tick list."""
+    """n control periods. In each, at its start ``now`` an ideal robot (robot=True) reports that it is at the
+    last output; at now + 1 ms every (name, positions) in feeds publishes; at now + 2 ms the grid ticks. Every
+    message is an event (a tick). Returns per period the tick that published last (the grid tick when nothing
+    was published), its ``source_changed`` true when any tick of the period changed the source."""
     out = []
     for _ in range(n):
         now = clock(DT)
+        ticks = []
         if robot and m.ready:
-            m.on_joint_state(m.output, now)
+            m.on_joint_state(m.out.position, now)
+            ticks.append(m.tick(now))
         for name, q in feeds:
-            m.on_command(name, q, now)
-        out.append(m.tick(now))
+            m.on_command(name, q, now + 0.001)
+            ticks.append(m.tick(now + 0.001))
+        ticks.append(m.tick(now + 0.002, grid=True))
+        sent = [t for t in ticks if t.positions is not None]
+        out.append(dataclasses.replace(sent[-1] if sent else ticks[-1],
+                                       source_changed=any(t.source_changed for t in ticks)))
     return out
 
 
@@ -75,39 +88,39 @@ def test_nothing_before_joint_state_then_holds_it(st):
     q0 = np.full(14, 0.2)
     q0[6] = -0.001  # gripper a hair below its lower limit 0.0: clamped into the limits
     assert m.on_joint_state(q0, 1.04) is None
-    assert m.output[6] == 0.0 and m.output[0] == 0.2
+    assert m.out.position[6] == 0.0 and m.out.position[0] == 0.2
     assert any("clamped" in e for e in m.drain_events())
     m.on_joint_state(np.zeros(14), 1.05)  # later joint states do not move the hold position
-    assert m.output[0] == 0.2
+    assert m.out.position[0] == 0.2
 
 
 def test_default_policy_drives_after_step_limited_handover(st):
     m, clock = ready_mux(st), Clock()
     target = np.full(14, 0.1)
     ticks = run(m, clock, 10, [("policy", target)])
-    vmax = np.asarray(st.robot.max_velocity)
-    prev = np.zeros(14)
-    for t in ticks:
-        assert t.source == "policy" and not t.intervention and t.reason == ""
-        assert np.all(np.abs(t.positions - prev) <= vmax * DT + 1e-12)
-        prev = t.positions
-    # 0.1 rad at 2 rad/s * 20 ms = 0.04 per tick -> reached on the third tick, then forwarded unchanged
-    np.testing.assert_allclose(ticks[0].positions[0], 0.04)
-    assert ticks[1].converging and not ticks[2].converging
-    np.testing.assert_array_equal(ticks[-1].positions, target)
+    assert all(t.source == "policy" and not t.intervention and t.reason == "" for t in ticks)
+    # from rest at 0: steps grow by the acceleration limit, the last one slows down onto the target
+    # arm joint 0: 0.008, 0.016, 0.024, 0.032 -> 0.008, 0.024, 0.048, 0.080, then the remaining 0.02
+    # wrist joint 3: 0.012, 0.024, 0.036 -> 0.012, 0.036, 0.072, then the remaining 0.028
+    np.testing.assert_allclose([t.positions[0] for t in ticks[:5]], [0.008, 0.024, 0.048, 0.080, 0.1])
+    np.testing.assert_allclose([t.positions[3] for t in ticks[:4]], [0.012, 0.036, 0.072, 0.1])
+    assert ticks[3].converging and not ticks[4].converging
+    np.testing.assert_array_equal(ticks[-1].positions, target)  # then forwarded bit for bit
     assert ticks[0].source_changed and not any(t.source_changed for t in ticks[1:])
 
 
 def test_timeout_falls_back_to_explicit_hold(st):
     m, clock = ready_mux(st), Clock()
-    run(m, clock, 5, [("policy", np.full(14, 0.05))])
-    held = m.output.copy()
+    run(m, clock, 8, [("policy", np.full(14, 0.05))])
+    held = m.out.position.copy()
     ticks = run(m, clock, 15)  # policy silent for 300 ms > timeout 0.2 s
+    # the last command came 1 ms into its period; the grid ticks 2 ms into each: ages 0.021, 0.041, ... s;
+    # 0.181 is the last within 0.2 s (9 periods, nothing to publish: the command was forwarded on arrival)
     live = [t for t in ticks if t.source == "policy"]
     hold = [t for t in ticks if t.source == HOLD]
-    assert len(live) == 10 and len(hold) == 5  # 10 ticks = 200 ms within the timeout, then hold every tick
+    assert len(live) == 9 and len(hold) == 6 and all(t.positions is None for t in live)
     assert hold[0].source_changed and "policy: stale" in hold[0].reason and "timeout 0.2" in hold[0].reason
-    for t in hold:
+    for t in hold:  # a steady stream while holding: every grid tick
         np.testing.assert_array_equal(t.positions, held)
     assert m.status(clock())["active_source"] == HOLD
 
@@ -135,7 +148,6 @@ def test_override_wins_while_true_and_releases(st):
     both_live(m, clock, feeds)
     assert run(m, clock, 2, feeds)[-1].source == "policy"
     m.on_override(True)
-    assert m.switch_pending  # a switch: the node ticks at once
     t = run(m, clock, 1, feeds)[0]
     assert (t.source, t.intervention) == ("teleop", True)
     m.on_mode("policy")  # the mode cannot take control from a held deadman
@@ -154,7 +166,7 @@ def test_estop_latches_through_mode_and_override_until_released(st):
     both_live(m, clock, feeds)
     assert run(m, clock, 3, feeds)[-1].source == "policy"
     m.on_lock("estop", True, clock())
-    held = m.output.copy()
+    held = m.out.position.copy()
     for action in (lambda: m.on_mode("teleop"), lambda: m.on_override(True),
                    lambda: m.on_override(False), lambda: m.on_mode("policy"),
                    lambda: m.on_lock("estop", True, clock())):
@@ -198,7 +210,7 @@ def test_invalid_commands_are_dropped_counted_and_hold(st, bad, why):
     m, clock = ready_mux(st), Clock()
     good = np.full(14, 0.01)
     run(m, clock, 3, [("policy", good)])
-    held = m.output.copy()
+    held = m.out.position.copy()
     err = m.on_command("policy", bad, clock())
     assert why in err
     for t in run(m, clock, 3):
@@ -209,24 +221,24 @@ def test_invalid_commands_are_dropped_counted_and_hold(st, bad, why):
     assert run(m, clock, 1, [("policy", good)])[0].source == "policy"
 
 
-def test_handover_is_step_limited_every_tick_including_early_ticks(st):
+def test_handover_is_step_limited_every_output_including_early_ones(st):
     m, clock = ready_mux(st), Clock()
     run(m, clock, 3, [("policy", np.zeros(14))])
-    far = np.asarray(st.robot.upper) * 0.9
+    near = np.full(14, 0.25)  # within the 0.3 rad tracking tolerance of the robot at 0
     m.on_mode("teleop")
     vmax = np.asarray(st.robot.max_velocity)
-    prev, last_t = m.output.copy(), clock()
+    prev, last_t = m.out.position.copy(), clock()
     for i in range(200):
-        now = clock(DT if i % 3 else DT / 4)  # some early (tick-aligned) ticks, 5 ms after the previous one
+        now = clock(DT if i % 3 else DT / 4)  # some early commands, 5 ms after the previous one
         m.on_joint_state(prev, now)  # an ideal robot, at the last command
-        m.on_command("teleop", far, now)
+        m.on_command("teleop", near, now)
         t = m.tick(now)
         assert np.all(np.abs(t.positions - prev) <= vmax * min(now - last_t, DT) + 1e-12)
         prev, last_t = t.positions, now
         if not t.converging:
             break
-    np.testing.assert_array_equal(prev, far)
-    assert i > 50  # waist 2.83 rad at 2 rad/s takes > 1.4 s
+    np.testing.assert_array_equal(prev, near)
+    assert i >= 8  # 0.25 rad at <= 0.04 per 20 ms (and less after 5 ms) takes more than 6 outputs
 
 
 def test_human_input_that_starts_publishing_preempts_until_handed_back(st):
@@ -262,39 +274,42 @@ def test_non_human_or_lower_priority_inputs_never_preempt():
     assert all(t.source == "policy" for t in ticks) and m.stats.preemptions == 0
 
 
-def test_switch_pending_for_mode_override_lock_changes_and_preemption_until_the_next_tick(st):
+def test_each_command_is_output_once_on_arrival_and_the_grid_sends_only_holds(st):
     m, clock = ready_mux(st), Clock()
-    pol = ("policy", np.full(14, 0.01))
-    run(m, clock, 2, [pol])
-    assert not m.switch_pending
-    m.on_command("policy", np.full(14, 0.01), clock(0.005))  # a command from the active source: the grid sends it
-    m.on_mode("policy")  # no change
-    m.on_mode("joystick")  # rejected
-    m.on_override(False)
-    m.on_lock("estop", False, clock())
-    assert not m.switch_pending
-    for change in (lambda: m.on_mode("hold"), lambda: m.on_override(True), lambda: m.on_override(False),
-                   lambda: m.on_lock("estop", True, clock()), lambda: m.on_lock("estop", False, clock())):
-        change()
-        assert m.switch_pending
-        m.tick(clock(0.003))
-        assert not m.switch_pending
-    m.on_mode("policy")
-    run(m, clock, 15, [pol])
-    m.on_command("teleop", np.full(14, 0.02), clock(0.004))  # preemption
-    assert m.switch_pending and m.tick(clock()).source == "teleop"
+    q = np.full(14, 0.01)
+    run(m, clock, 3, [("policy", q)])
+    now = clock(DT)
+    assert m.tick(now, grid=True).positions is None  # an input drives: the grid publishes nothing
+    q2 = q + 0.001
+    m.on_command("policy", q2, now + 0.005)
+    t = m.tick(now + 0.005)
+    np.testing.assert_array_equal(t.positions, q2)  # at once, bit for bit
+    assert m.tick(now + 0.006).positions is None and m.tick(now + 0.007, grid=True).positions is None  # once
+    m.on_command("teleop", np.full(14, 0.02), now + 0.008)  # preemption: the new source's command at once
+    t = m.tick(now + 0.008)
+    assert t.source == "teleop" and t.positions is not None and t.source_changed
+    m.on_mode("hold")  # a hold is published by the event that starts it
+    t = m.tick(now + 0.009)
+    assert t.source == HOLD and t.positions is not None
+    assert m.tick(now + 0.010).positions is None  # later events: nothing; the grid: the hold, every tick
+    assert all(m.tick(now + 0.02 * k, grid=True).positions is not None for k in range(1, 4))
+    m.on_mode("policy")  # a switch to an input outputs its newest (unsent) command at once
+    m.on_joint_state(m.out.position, now + 0.07)
+    m.on_command("policy", q, now + 0.07)
+    assert m.tick(now + 0.07).source == "policy"
+    assert m.stats.forwarded == 6  # 3 in run, q2, teleop's at the preemption, policy's at the switch
 
 
 # ------------------------------------------------------------------ the measured position (joint states)
 def test_hold_holds_the_measured_position_taken_when_the_hold_began(st):
     m, clock = ready_mux(st), Clock()
     run(m, clock, 3, [("policy", np.full(14, 0.1))], robot=False)  # robot still measured at 0.0
-    assert m.output[0] == pytest.approx(0.1)
+    assert m.out.position[0] == pytest.approx(0.048)  # 0.008 + 0.016 + 0.024
     now = clock(0.25)  # policy silent for > 0.2 s: hold
-    m.on_joint_state(np.full(14, 0.07), now)  # the robot lags its command by 0.03
-    t = m.tick(now)
+    m.on_joint_state(np.full(14, 0.03), now)  # the robot lags its command
+    t = m.tick(now, grid=True)
     assert t.source == HOLD
-    np.testing.assert_allclose(t.positions, 0.07)  # where the robot is, not the last command (0.1)
+    np.testing.assert_allclose(t.positions, 0.03)  # where the robot is, not the last command (0.048)
 
 
 def test_robot_moved_while_held_reanchors_at_its_measured_position(st):
@@ -305,18 +320,19 @@ def test_robot_moved_while_held_reanchors_at_its_measured_position(st):
     moved[1] = 1.0  # shoulder moved by hand / an episode reset: 1.0 rad > 2 rad/s * 0.15 s = 0.3 rad
     now = clock(DT)
     m.on_joint_state(moved, now)
-    t = m.tick(now)
+    t = m.tick(now, grid=True)
     np.testing.assert_array_equal(t.positions, moved)  # never a command back toward the old position
     assert m.stats.reanchors == 1
-    assert any("re-anchored" in e and "left_shoulder commanded 0.000, measured 1.000" in e for e in m.drain_events())
+    assert any("re-anchored" in e and "left_shoulder 0.0000 vs measured 1.0000 (tolerance 0.300)" in e
+               for e in m.drain_events())
     small = moved.copy()
     small[1] = 1.2  # within tolerance of the hold: the hold stays at 1.0
     now = clock(DT)
     m.on_joint_state(small, now)
-    assert m.tick(now).positions[1] == pytest.approx(1.0) and m.stats.reanchors == 1
+    assert m.tick(now, grid=True).positions[1] == pytest.approx(1.0) and m.stats.reanchors == 1
 
 
-def test_resume_starts_from_the_measured_position_at_the_velocity_limit(st):
+def test_resume_starts_from_the_measured_position_at_rest(st):
     m, clock = ready_mux(st), Clock()
     m.on_mode("hold")
     run(m, clock, 2)
@@ -324,20 +340,63 @@ def test_resume_starts_from_the_measured_position_at_the_velocity_limit(st):
     q = np.zeros(14)
     q[0] = 0.2  # pushed 0.2 rad while held (inside the 0.3 rad tolerance)
     m.on_joint_state(q, now)
-    m.on_command("policy", np.full(14, 0.5), now)
+    m.on_command("policy", np.full(14, 0.25), now)  # within the 0.3 rad tolerance of the measured position
     m.on_mode("policy")
     t = m.tick(now)
-    # from the measured 0.2 (not the held 0.0), one 20 ms step at 2 rad/s = 0.04 toward 0.5
-    assert t.source == "policy" and t.positions[0] == pytest.approx(0.24)
-    assert t.positions[3] == pytest.approx(0.06)  # forearm roll 3 rad/s: 0.06 from its measured 0.0
+    # from the measured 0.2 (not the held 0.0) at rest: one step of the acceleration limit, 0.008 toward 0.25
+    assert t.source == "policy" and t.positions[0] == pytest.approx(0.208)
+    assert t.positions[3] == pytest.approx(0.012)  # forearm roll 30 rad/s²: 0.012 from its measured 0.0
 
 
 def test_stale_joint_states_hold(st):
     m, clock = ready_mux(st), Clock()
     run(m, clock, 3, [("policy", np.full(14, 0.01))])
-    held = m.output.copy()
     ticks = run(m, clock, 15, [("policy", np.full(14, 0.2))], robot=False)  # no joint state for 300 ms
     assert ticks[-1].source == HOLD and "joint states stale" in ticks[-1].reason
-    assert [t.source for t in ticks].count("policy") == 10  # 200 ms = joint_state_timeout_s, then hold
-    np.testing.assert_allclose(ticks[-1].positions, ticks[9].positions)
-    assert np.all(np.abs(ticks[-1].positions - held) <= 10 * 0.04 + 1e-9)
+    # the last joint state came at the start of period 3; commands 1 ms into each later period: ages 0.021,
+    # ..., 0.201 s: 9 driven by the policy, then the grid (2 ms in) holds
+    assert [t.source for t in ticks].count("policy") == 9
+    # position unknown: the hold keeps the last output, 0.2 (0.01 + 0.008 + 0.016 + 0.024 + 0.032 + 0.04 + 0.04
+    # = 0.17, then the remaining 0.03)
+    np.testing.assert_allclose(ticks[-1].positions, 0.2)
+    np.testing.assert_allclose(ticks[8].positions, 0.2)
+
+
+def test_command_beyond_the_tracking_tolerance_holds_with_an_error_until_one_is_within(st):
+    m, clock = ready_mux(st), Clock()
+    run(m, clock, 3, [("policy", np.zeros(14))])
+    far = np.zeros(14)
+    far[1] = 0.35  # shoulder: 0.35 rad from the measured 0.0 > 0.3 rad
+    t = run(m, clock, 1, [("policy", far)])[0]
+    assert t.source == HOLD and t.source_changed
+    np.testing.assert_array_equal(t.positions, np.zeros(14))  # holds where the robot is
+    assert m.tracking_error == t.reason and "left_shoulder 0.3500 vs measured 0.0000 (tolerance 0.300)" in t.reason
+    assert m.stats.tracking_errors == 1 and m.status(clock())["tracking_error"] == m.tracking_error
+    assert any("holding: policy: command farther than the tracking tolerance" in e for e in m.drain_events())
+    run(m, clock, 3, [("policy", far)])
+    assert m.stats.tracking_errors == 1  # one error per episode of far commands
+    near = np.zeros(14)
+    near[1] = 0.25
+    t = run(m, clock, 1, [("policy", near)])[0]
+    assert t.source == "policy" and m.tracking_error == "" and t.positions[1] == pytest.approx(0.008)
+
+
+def test_a_command_stamped_long_before_it_arrived_is_stale_and_a_clock_ahead_does_not_make_it_fresh(st):
+    m, clock = ready_mux(st), Clock()
+    run(m, clock, 3, [("policy", np.zeros(14))])
+    now = clock(DT)
+    m.on_command("policy", np.full(14, 0.01), now, taken=now - 0.25)  # stamped 250 ms before it arrived
+    t = m.tick(now)
+    assert t.source == HOLD and "stale (last command 0.250 s old" in t.reason
+    m.on_command("policy", np.full(14, 0.01), now + 0.01, taken=now + 5.0)  # stamped 5 s in the future
+    assert m.tick(now + 0.01).source == "policy"
+    assert m.tick(now + 0.22, grid=True).source == HOLD  # 0.21 s after it arrived: stale by receive time
+
+
+def test_a_message_is_taken_at_the_older_of_its_stamp_and_its_receive_time():
+    assert taken_ns(1_000, 1_500) == 1_000  # delayed 500 ns: ages from its stamp
+    assert taken_ns(2_000, 1_500) == 1_500  # stamped in the future (clock ahead): ages from its receipt
+    assert taken_ns(0, 1_500) == 1_500      # unstamped
+    # on the monotonic clock: received at 10.0 s, stamped 0.25 s before its ROS receive time -> 9.75 s
+    assert taken_s(1_000_000_000, 1_250_000_000, 10.0) == pytest.approx(9.75)
+    assert taken_s(2_000_000_000, 1_250_000_000, 10.0) == 10.0

@@ -58,6 +58,7 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from recap_ros import rosmsg
+from recap_ros.control.freshness import taken_ns
 from recap_ros.control.guidance import BETA_OFF, beta_problem
 from recap_ros.control.policy_tick import POLICY_INPUT, PolicyTick, TickConfig
 from recap_ros.control.stitching import HOLD_NO_CHUNK, JointLimits, Request
@@ -329,7 +330,7 @@ class PolicyServer(Node):
     # ------------------------------------------------------------------------------------ ROS callbacks
     def _on_image(self, i: int, raw: bytes) -> None:
         try:
-            stamp = rosmsg.header_stamp_ns(raw) or rosmsg.now_ns(self)
+            stamp = taken_ns(rosmsg.header_stamp_ns(raw), rosmsg.now_ns(self))  # the older of stamp, receipt
         except rosmsg.MessageError as e:
             self.get_logger().error(f"{self.cameras[i].image_topic}: {e}", throttle_duration_sec=5.0)
             return
@@ -346,7 +347,7 @@ class PolicyServer(Node):
         if not np.all(np.isfinite(q)):
             self.get_logger().warning(f"ignoring non-finite joint state {q.tolist()}", throttle_duration_sec=2.0)
             return
-        self._to_tick("joint", q, rosmsg.stamp_to_ns(msg.header.stamp) or rosmsg.now_ns(self))
+        self._to_tick("joint", q, taken_ns(rosmsg.stamp_to_ns(msg.header.stamp), rosmsg.now_ns(self)))
 
     def _on_prompt(self, msg: String) -> None:
         prompt = msg.data.strip()
