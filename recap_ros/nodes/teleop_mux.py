@@ -1,59 +1,227 @@
 """teleop_mux: picks which joint command stream drives the robot (policy, teleoperator, hold).
 
-Wiring only; the arbitration (modes, priorities, locks, timeouts, validation, step-limited handover) lives in
-:mod:`recap_ros.control.mux`, whose docstring is the behaviour contract. Everything comes from the station's
-``mux:`` and ``robot:`` sections:
+Wiring only; the arbitration (modes, priorities, locks, timeouts, validation, the measured position, the
+tracking tolerance, event-driven forwarding) lives in :mod:`recap_ros.control.mux`, whose docstring is the
+behaviour contract, and every output passes :mod:`recap_ros.control.limits`. Everything comes from the
+station's ``mux:`` and ``robot:`` sections.
 
-- subscribes each ``mux.inputs[*].topic`` (JointState matched by joint name, or Float64MultiArray in station
-  joint order), ``mux.mode_topic`` (String), ``mux.override_topic`` (Bool), each lock topic (Bool) and
-  ``robot.joint_states_topic`` (the measured position, for as long as the node runs: the first valid message
-  is the initial hold position, nothing is published on the command topic before it; holds, resumes and
-  re-anchoring follow it);
-- publishes ``robot.command_topic`` (``robot.command_type``) every control tick, hold included; a JointState
-  command names its source (the mux input, or "hold") in ``header.frame_id``;
-  ``mux.active_topic`` (String) and ``mux.intervention_topic`` (Bool) latched, on every change;
-  ``/diagnostics`` once per ``diagnostics_period_s`` and on every change of the active source.
+Two processes (as policy_server's tick: the last hop to the robot shares nothing it could wait for):
 
-Timing: the command ticks run on a :class:`~recap_ros.control.ticker.DeadlineLoop` thread on absolute
-monotonic deadlines at the control rate, so neither a late source nor a busy executor lowers the output rate
-(a missed deadline is skipped and counted in the diagnostics, never shifts the grid). A mode / override /
-lock change or a preemption publishes its first tick at once from the callback (an extra tick, step-limited
-by the time since the previous one); the grid then continues. The arbitration state and the command
-publication are serialised by one lock, so the loop thread and the callbacks never interleave. A command is
-forwarded by the next grid tick (at most one control period later): aligning the grid to the source's phase
-would mean moving it, i.e. intervals longer or shorter than one period.
+* the **output process** (spawned, node ``<name>_output`` in the same namespace) holds the whole command
+  path: it subscribes each ``mux.inputs[*].topic`` (JointState matched by joint name, or Float64MultiArray in
+  station joint order), ``mux.mode_topic`` (String), ``mux.override_topic`` (Bool), each lock topic (Bool)
+  and ``robot.joint_states_topic`` (the measured position, for as long as it runs); it publishes
+  ``robot.command_topic`` (``robot.command_type``): an accepted command of the active input at once, from its
+  subscription callback (event-driven, as twist_mux), and the hold position on every control tick while
+  holding (a :class:`~recap_ros.control.ticker.DeadlineLoop` thread on absolute deadlines, SCHED_FIFO when
+  permitted, which also enforces the timeouts); a JointState command names its source (the mux input, or
+  "hold") in ``header.frame_id``; ``mux.active_topic`` (String) and ``mux.intervention_topic`` (Bool) latched,
+  on every change (before the first command of the new source). Its only Python code is this path (one
+  executor thread, the tick thread, a thread that hands reports to this node through a pipe without ever
+  making the path wait);
+* this node's process: parameters, the log (the output process reports its events, rejections and a status
+  through the pipe) and ``/diagnostics`` once per ``diagnostics_period_s`` and at once on every change of the
+  active source; level ERROR while a tracking error holds the robot (naming the joints and values) or when the
+  output process died, WARN while holding for another reason than an explicit hold.
+
+The output process exits when this process closes the pipe (or dies). A message's age counts from the older
+of its stamp and its receive time (:mod:`recap_ros.control.freshness`).
 
 Parameters: ``station`` (name or path), ``realtime_priority`` (default 60, above the policy server's
-tick thread: the mux is the last hop to the robot; SCHED_FIFO for the tick thread when permitted, e.g. root or
-an rtprio limit; 0: normal scheduling), ``diagnostics_period_s`` (1.0).
+tick thread: the mux is the last hop to the robot; SCHED_FIFO for the output process's tick and executor
+threads when permitted, e.g. root or an rtprio limit; 0: normal scheduling), ``diagnostics_period_s`` (1.0).
 """
 from __future__ import annotations
 
+import gc
+import multiprocessing as mp
+import queue
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.node import Node
-from sensor_msgs.msg import JointState
-from std_msgs.msg import Bool, String
 
-from recap_ros.control.mux import HOLD, TeleopMux
-from recap_ros.control.ticker import DeadlineLoop, PeriodMonitor
-from recap_ros.nodes import run_node
-from recap_ros.rosmsg import (
-    COMMAND_QOS,
-    LATCHED_QOS,
-    MessageError,
-    command_msg,
-    command_msg_class,
-    diagnostic_array,
-    now_ns,
-    positions_from_command,
-    positions_from_joint_state,
-)
+from recap_ros import rosmsg
+from recap_ros.nodes import ignore_stop_signals, run_node, stop_signals_blocked
 from recap_ros.station import load_station
+
+START_TIMEOUT_S = 60.0  # the output process imports rclpy and numpy; a loaded machine takes seconds
+STATUS_EVERY_S = 0.5
+REPORT_QUEUE_MAX = 1000  # reports beyond this (the node's process stalled) are dropped, never waited for
+
+
+@dataclass(frozen=True)
+class _OutputSpec:
+    """What the output process needs (picklable)."""
+    station: str            # the station file
+    node_name: str
+    namespace: str
+    topics: dict            # station topic -> the name resolved with this node's remappings
+    priority: int
+
+
+def _output_process(spec: _OutputSpec, inbox, outbox) -> None:
+    """Entry of the output process: run the mux on the command path until the inbox closes."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
+    from sensor_msgs.msg import JointState
+    from std_msgs.msg import Bool, String
+
+    from recap_ros.control.freshness import taken_s
+    from recap_ros.control.mux import HOLD, TeleopMux
+    from recap_ros.control.ticker import DeadlineLoop, PeriodMonitor, try_realtime
+
+    ignore_stop_signals()  # Ctrl-C, launch's SIGTERM or a hang-up reach the whole process group: the parent decides
+    rclpy.init(args=[], signal_handler_options=SignalHandlerOptions.NO)
+    node = rclpy.create_node(spec.node_name, namespace=spec.namespace, start_parameter_services=False,
+                             enable_rosout=False)  # it logs through the node's process
+    station = load_station(spec.station)
+    robot, mux = station.robot, station.mux
+    names, ctype = robot.joint_names, robot.command_type
+    topic = spec.topics.__getitem__
+    core = TeleopMux(mux, robot)
+    lock = threading.Lock()  # serialises the core and the publications (callbacks and ticks)
+    reports: queue.SimpleQueue = queue.SimpleQueue()
+    done = threading.Event()
+
+    def report(*msg) -> None:  # never blocks the command path
+        if reports.qsize() < REPORT_QUEUE_MAX:
+            reports.put(msg)
+
+    def send_reports() -> None:
+        while not done.is_set():
+            try:
+                msg = reports.get(timeout=0.1)
+                outbox.send(msg)
+            except queue.Empty:
+                continue
+            except OSError:  # the node's process is gone
+                done.set()
+
+    pub_cmd = node.create_publisher(rosmsg.command_msg_class(ctype), topic(robot.command_topic),
+                                    rosmsg.COMMAND_QOS)
+    pub_active = node.create_publisher(String, topic(mux.active_topic), rosmsg.LATCHED_QOS)
+    pub_intervention = node.create_publisher(Bool, topic(mux.intervention_topic), rosmsg.LATCHED_QOS)
+    pub_active.publish(String(data=HOLD))
+    pub_intervention.publish(Bool(data=False))
+    monitor = PeriodMonitor(robot.period_s)
+
+    def status(now: float) -> dict:
+        return {**core.status(now), "status_stamp_ns": str(rosmsg.now_ns(node)),
+                **{k: f"{v:.3f}" if isinstance(v, float) else str(v) for k, v in monitor.summary().items()}}
+
+    def tick(now: float, grid: bool) -> None:
+        """Under the lock: publish what the core says now (an event's command, a hold)."""
+        t = core.tick(now, grid)
+        if t.positions is not None:
+            if t.source_changed:  # the state first: a command never precedes the source it came from
+                pub_active.publish(String(data=t.source))
+                pub_intervention.publish(Bool(data=t.intervention))
+            pub_cmd.publish(rosmsg.command_msg(ctype, names, t.positions, rosmsg.now_ns(node), t.source))
+        for line in core.drain_events():
+            report("log", line)
+        if t.source_changed:
+            report("status", status(now), True)
+
+    def taken(msg, now: float) -> float:
+        header = getattr(msg, "header", None)
+        if header is None:  # Float64MultiArray: its receive time
+            return now
+        return taken_s(rosmsg.stamp_to_ns(header.stamp), rosmsg.now_ns(node), now)
+
+    def on_input(inp, msg) -> None:
+        try:
+            q, why = rosmsg.positions_from_command(msg, inp.type, names), None
+        except rosmsg.MessageError as e:
+            q, why = None, str(e)
+        with lock:
+            now = time.monotonic()
+            err = core.reject(inp.name, why) if why else core.on_command(inp.name, q, now, taken(msg, now))
+            tick(now, grid=False)
+            dropped = core.inputs[inp.name].dropped
+        if err:
+            report("warn", f"{err} (from {inp.topic}; {dropped} dropped)")
+
+    def on_joint_state(msg) -> None:
+        try:
+            q = rosmsg.positions_from_joint_state(msg, names)
+        except rosmsg.MessageError as e:
+            report("warn", f"joint state not usable as a measured position: {e}")
+            return
+        with lock:
+            now = time.monotonic()
+            err = core.on_joint_state(q, taken(msg, now))
+            tick(now, grid=False)
+        if err:
+            report("warn", err)
+
+    def on_mode(msg) -> None:
+        with lock:
+            err = core.on_mode(msg.data)
+            tick(time.monotonic(), grid=False)
+        if err:
+            report("warn", f"{err} (from {mux.mode_topic})")
+
+    def on_override(msg) -> None:
+        with lock:
+            core.on_override(msg.data)
+            tick(time.monotonic(), grid=False)
+
+    def on_lock(name: str, msg) -> None:
+        with lock:
+            now = time.monotonic()
+            core.on_lock(name, msg.data, now)
+            tick(now, grid=False)
+
+    for inp in mux.inputs:
+        node.create_subscription(rosmsg.command_msg_class(inp.type), topic(inp.topic),
+                                 lambda msg, i=inp: on_input(i, msg), rosmsg.COMMAND_QOS)
+    for lk in mux.locks:
+        node.create_subscription(Bool, topic(lk.topic), lambda msg, n=lk.name: on_lock(n, msg), rosmsg.COMMAND_QOS)
+    node.create_subscription(String, topic(mux.mode_topic), on_mode, rosmsg.COMMAND_QOS)
+    node.create_subscription(Bool, topic(mux.override_topic), on_override, rosmsg.COMMAND_QOS)
+    node.create_subscription(JointState, topic(robot.joint_states_topic), on_joint_state, rosmsg.COMMAND_QOS)
+    status_every = max(1, int(round(STATUS_EVERY_S / robot.period_s)))
+
+    def on_tick(periods: int, mono_ns: int) -> None:
+        try:
+            while inbox.poll():
+                if inbox.recv() == ("close",):
+                    done.set()
+        except (EOFError, OSError):  # the node's process closed the pipe or died
+            done.set()
+        if done.is_set():
+            return
+        with lock:
+            tick(mono_ns * 1e-9, grid=True)
+            if monitor.ticks % status_every == 0:
+                report("status", status(mono_ns * 1e-9), False)
+
+    loop = DeadlineLoop(robot.period_s, on_tick, monitor,
+                        lambda e: report("error", f"tick failed: {type(e).__name__}: {e}"),
+                        spec.priority, name="teleop_mux ticks")
+    threading.Thread(target=send_reports, name="teleop_mux reports", daemon=True).start()
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    gc.collect()
+    gc.freeze()  # nothing allocated so far is garbage; a full collection over it would stall the path
+    callbacks = try_realtime(spec.priority)
+    loop.start()
+    while not loop.scheduling:  # set by the tick thread as it starts
+        time.sleep(0.001)
+    report("ready", loop.scheduling, callbacks)
+    try:
+        while not done.is_set():
+            executor.spin_once(timeout_sec=0.1)
+    finally:
+        loop.stop()
+        executor.shutdown(timeout_sec=1.0)
+        node.destroy_node()
+        rclpy.try_shutdown()
 
 
 class TeleopMuxNode(Node):
@@ -63,127 +231,105 @@ class TeleopMuxNode(Node):
         priority = int(self.declare_parameter("realtime_priority", 60).value)
         diag_period = float(self.declare_parameter("diagnostics_period_s", 1.0).value)
         robot, mux = self.station.robot, self.station.mux
-        self.names = robot.joint_names
-        self.core = TeleopMux(mux, robot)
-        self._lock = threading.Lock()  # serialises self.core and the command publication
-        self.switch_ticks = 0
-
-        self.pub_cmd = self.create_publisher(command_msg_class(robot.command_type), robot.command_topic,
-                                             COMMAND_QOS)
-        self.pub_active = self.create_publisher(String, mux.active_topic, LATCHED_QOS)
-        self.pub_intervention = self.create_publisher(Bool, mux.intervention_topic, LATCHED_QOS)
         self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._publish_source(HOLD, False)
-
-        for inp in mux.inputs:
-            self.create_subscription(command_msg_class(inp.type), inp.topic,
-                                     lambda msg, i=inp: self._on_input(i, msg), COMMAND_QOS)
-        for lk in mux.locks:
-            self.create_subscription(Bool, lk.topic, lambda msg, n=lk.name: self._on_lock(n, msg), COMMAND_QOS)
-        self.create_subscription(String, mux.mode_topic, self._on_mode, COMMAND_QOS)
-        self.create_subscription(Bool, mux.override_topic, self._on_override, COMMAND_QOS)
-        self.create_subscription(JointState, robot.joint_states_topic, self._on_joint_state, COMMAND_QOS)
+        self._status: dict[str, str] = {}
+        self._exit_code: int | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._closing = threading.Event()
+        station_topics = [robot.command_topic, robot.joint_states_topic, mux.mode_topic, mux.override_topic,
+                          mux.active_topic, mux.intervention_topic, *(i.topic for i in mux.inputs),
+                          *(lk.topic for lk in mux.locks)]
+        spec = _OutputSpec(str(self.station.file), f"{self.get_name()}_output", self.get_namespace(),
+                           {t: self.resolve_topic_name(t) for t in station_topics}, priority)
+        scheduling = self._start_output_process(spec)
+        self.create_timer(0.05, self._drain)
         self.create_timer(diag_period, self._publish_diagnostics)
-        self.monitor = PeriodMonitor(robot.period_s)
-        self.loop = DeadlineLoop(robot.period_s, lambda periods, now_ns: self._tick(), self.monitor,
-                                 self._on_loop_error, priority=priority, name="teleop_mux ticks")
-        self.loop.start()
         self.get_logger().info(
             f"station '{self.station.name}': inputs {[(i.name, i.topic, i.priority) for i in mux.inputs]}, "
-            f"locks {[(lk.name, lk.topic, lk.priority) for lk in mux.locks]}, mode '{self.core.mode}', "
-            f"output {robot.command_topic} ({robot.command_type}) at {robot.control_rate_hz} Hz, "
-            f"ticks on absolute deadlines ({'SCHED_FIFO requested' if priority > 0 else 'normal scheduling'}); "
-            f"waiting for {robot.joint_states_topic}")
+            f"locks {[(lk.name, lk.topic, lk.priority) for lk in mux.locks]}, mode '{mux.default_input}', "
+            f"output {robot.command_topic} ({robot.command_type}): commands forwarded on arrival, holds at "
+            f"{robot.control_rate_hz} Hz, in process {self._proc.pid} (ticks: {scheduling[0]}; callbacks: "
+            f"{scheduling[1]}); waiting for {robot.joint_states_topic}")
 
-    # ------------------------------------------------------------------------------------------ callbacks
-    def _on_joint_state(self, msg: JointState) -> None:
+    # ------------------------------------------------------------------------------------ output process
+    def _start_output_process(self, spec: _OutputSpec) -> tuple[str, str]:
+        ctx = mp.get_context("spawn")
+        child_in, self._to_child = ctx.Pipe(duplex=False)
+        self._from_child, child_out = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_output_process, args=(spec, child_in, child_out), daemon=True,
+                                 name=spec.node_name)
+        with stop_signals_blocked():  # a Ctrl-C while the child imports must not kill it
+            self._proc.start()
+        child_in.close()
+        child_out.close()  # only the child holds the write end: its exit is EOF here
+        if not self._from_child.poll(START_TIMEOUT_S):
+            self._proc.kill()
+            raise RuntimeError(f"output process did not start within {START_TIMEOUT_S:g} s")
         try:
-            q = positions_from_joint_state(msg, self.names)
-            with self._lock:
-                err = self.core.on_joint_state(q, time.monotonic())
-        except MessageError as e:
-            err = f"joint state not usable as a measured position: {e}"
-        if err:
-            self.get_logger().warning(err, throttle_duration_sec=1.0)
-        self._after_event()
+            kind, *scheduling = self._from_child.recv()
+        except EOFError:
+            self._proc.join(1.0)
+            raise RuntimeError(f"output process exited at start (exit code {self._proc.exitcode})") from None
+        threading.Thread(target=self._read_child, name="teleop_mux reports", daemon=True).start()
+        return tuple(scheduling)
 
-    def _on_input(self, inp, msg) -> None:
-        try:
-            q, why = positions_from_command(msg, inp.type, self.names), None
-        except MessageError as e:
-            q, why = None, str(e)
-        with self._lock:
-            now = time.monotonic()
-            err = self.core.reject(inp.name, why) if why else self.core.on_command(inp.name, q, now)
-            dropped = self.core.inputs[inp.name].dropped
-        if err:
-            self.get_logger().warning(f"{err} (from {inp.topic}; {dropped} dropped)", throttle_duration_sec=1.0)
-        self._after_event()
+    def _read_child(self) -> None:
+        while True:
+            try:
+                self._inbox.put(self._from_child.recv())
+            except (EOFError, OSError):
+                break
+        if not self._closing.is_set():
+            self._proc.join(1.0)
+            self._inbox.put(("exit", self._proc.exitcode))
 
-    def _on_mode(self, msg: String) -> None:
-        with self._lock:
-            err = self.core.on_mode(msg.data)
-        if err:
-            self.get_logger().warning(f"{err} (from {self.station.mux.mode_topic})")
-        self._after_event()
-
-    def _on_override(self, msg: Bool) -> None:
-        with self._lock:
-            self.core.on_override(msg.data)
-        self._after_event()
-
-    def _on_lock(self, name: str, msg: Bool) -> None:
-        with self._lock:
-            self.core.on_lock(name, msg.data, time.monotonic())
-        self._after_event()
-
-    def _after_event(self) -> None:
-        """A switch (mode / override / lock change, preemption) gets its first tick now; then the grid."""
-        self._tick(switch=True)
-
-    def _on_loop_error(self, e: Exception) -> None:
-        if rclpy.ok():  # after shutdown a publish fails; nothing to report then
-            self.get_logger().error(f"tick: {type(e).__name__}: {e}", throttle_duration_sec=1.0)
-
-    # ------------------------------------------------------------------------------------------ output
-    def _tick(self, switch: bool = False) -> None:
-        """A grid tick, or (switch=True) the immediate tick of a switch when one is pending."""
-        with self._lock:
-            if switch and not self.core.switch_pending:
-                t = None
-            else:
-                t = self.core.tick(time.monotonic())
-                self.switch_ticks += switch
-                if t.positions is not None:
-                    if t.source_changed:  # the state first: a command never precedes the source it came from
-                        self._publish_source(t.source, t.intervention)
-                    self.pub_cmd.publish(command_msg(self.station.robot.command_type, self.names, t.positions,
-                                                     now_ns(self), t.source))
-            events = self.core.drain_events()
-        for line in events:  # mode changes, source switches (with the reason when holding)
-            self.get_logger().info(line)
-        if t is not None and t.positions is not None and t.source_changed:
-            self._publish_diagnostics()
-
-    def _publish_source(self, source: str, intervention: bool) -> None:
-        self.pub_active.publish(String(data=source))
-        self.pub_intervention.publish(Bool(data=intervention))
+    def _drain(self) -> None:
+        log = self.get_logger()
+        while True:
+            try:
+                kind, *args = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "log":
+                log.info(args[0])
+            elif kind == "warn":
+                log.warning(args[0], throttle_duration_sec=1.0)
+            elif kind == "error":
+                log.error(args[0], throttle_duration_sec=1.0)
+            elif kind == "status":
+                self._status = args[0]
+                if args[1]:  # the active source changed
+                    self._publish_diagnostics()
+            elif kind == "exit":
+                self._exit_code = args[0]
+                log.error(f"output process died (exit code {args[0]}): nothing is published to the robot")
+                self._publish_diagnostics()
 
     def _publish_diagnostics(self) -> None:
-        with self._lock:
-            c = self.core
-            holding_by_choice = c.source != HOLD or c.reason == "mode hold"
-            level = DiagnosticStatus.OK if holding_by_choice else DiagnosticStatus.WARN
-            message = f"driven by {c.source}" if c.source != HOLD else f"holding: {c.reason}"
-            values = {**c.status(time.monotonic()), "switch_ticks": str(self.switch_ticks),
-                      **{k: f"{v:.3f}" if isinstance(v, float) else str(v)
-                         for k, v in self.monitor.summary().items()}}
-            stamp = now_ns(self)
-        self.pub_diag.publish(diagnostic_array(stamp, [("teleop_mux: arbitration", level, message, values)],
-                                               hardware_id=self.station.name))
+        s = self._status
+        source, reason = s.get("active_source", "hold"), s.get("hold_reason", "starting")
+        if self._exit_code is not None:
+            level, message = DiagnosticStatus.ERROR, f"output process died (exit code {self._exit_code})"
+        elif s.get("tracking_error", "none") != "none":
+            level, message = DiagnosticStatus.ERROR, f"holding: tracking error: {s['tracking_error']}"
+        elif source != "hold" or reason == "mode hold":
+            level, message = DiagnosticStatus.OK, f"driven by {source}" if source != "hold" else "holding: mode hold"
+        else:
+            level, message = DiagnosticStatus.WARN, f"holding: {reason}"
+        self.pub_diag.publish(rosmsg.diagnostic_array(rosmsg.now_ns(self),
+                                                      [("teleop_mux: arbitration", level, message, s)],
+                                                      hardware_id=self.station.name))
 
     def destroy_node(self):
-        self.loop.stop()
+        self._closing.set()
+        try:
+            self._to_child.send(("close",))
+        except OSError:
+            pass
+        self._to_child.close()
+        self._proc.join(timeout=3.0)
+        if self._proc.is_alive():
+            self._proc.kill()
         return super().destroy_node()
 
 
