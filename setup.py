@@ -66,7 +66,7 @@ setup(
         "transforms3d>=0.4",      # sim kinematics
         "sentencepiece>=0.2",     # tokenizer.model of real checkpoints
         "ruamel.yaml>=0.17",      # rosbag2 metadata.yaml, written as rosbags does
-        "websockets>=13",         # recap-serve / remote backend: openpi's websocket policy protocol
+        "websockets>=17",         # recap-serve / remote backend: openpi's websocket policy protocol
         "msgpack>=1.0",           # its msgpack-numpy frames
     ],
     extras_require={

@@ -74,7 +74,7 @@ class RemotePolicy:
         ws = None
         try:
             ws = connect(self.url, additional_headers=self._headers, compression=None, max_size=MAX_REPLY_BYTES,
-                         open_timeout=CONNECT_TIMEOUT_S, close_timeout=1.0)
+                         open_timeout=CONNECT_TIMEOUT_S, close_timeout=1.0, legacy=True)  # a long-lived connection
             return ws, parse_metadata(unpackb(ws.recv(timeout=CONNECT_TIMEOUT_S)), self.url)
         except (OSError, TimeoutError, WebSocketException, ProtocolError) as e:
             if ws is not None:
