@@ -71,8 +71,9 @@ class AlohaSimNode(Node):
         self.aloha = aloha
         self.names = st.robot.joint_names
         self.seeds = self._seed_list()
-        self.sim = aloha.AlohaSim(st.sim.episode_timeout_s, st.robot.period_s)
-        self.sim.reset(st.sim.tasks[0], st.sim.seed)  # loads the first scene (the cameras' intrinsics, the GL probe)
+        # every scene loads now: loading one (~0.1 s) at an episode start would stall the joint-state stream
+        self.sim = aloha.AlohaSim(st.sim.episode_timeout_s, st.robot.period_s, preload=st.sim.tasks)
+        self.sim.reset(st.sim.tasks[0], st.sim.seed)  # the pose shown and held until the first episode starts
         self.driver, self.driver_input = self._expert_driver()
         aloha.AlohaRenderer(self.sim.scene_model(self.sim.task), 16, 16).close()  # no GL: one line now
 
@@ -176,11 +177,12 @@ class AlohaSimNode(Node):
         renderers = {}  # task -> AlohaRenderer, made on this camera's thread (a GL context is per thread)
 
         def frame(periods: int, now_ns: int) -> None:
+            if not renderers:  # all at once: making one at an episode start would delay that episode's frames
+                renderers.update({t: self.aloha.AlohaRenderer(self.sim.scene_model(t), w, h)
+                                  for t in self.station.sim.tasks})
             with self._lock:  # stamped under the lock: a frame stamped after an episode start shows that episode
                 task, qpos = self._scene
                 stamp_ns = rosmsg.now_ns(self)
-            if task not in renderers:
-                renderers[task] = self.aloha.AlohaRenderer(self.sim.scene_model(task), w, h)
             t0 = time.perf_counter()
             rgb = renderers[task].render(cam.name, qpos)
             self.render_ms[cam.name].append((time.perf_counter() - t0) * 1e3)

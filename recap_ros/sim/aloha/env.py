@@ -14,27 +14,30 @@ task's ``after_step`` and ``get_reward``. Joint positions and velocities are the
 ``get_qvel``. Cameras render through :class:`AlohaRenderer` (``mujoco.Renderer``, its own GL context, cheap
 scene flags) from a copy of the joint positions, so rendering never touches the stepping physics.
 
-Headless rendering uses EGL (``MUJOCO_GL=egl`` unless the caller chose a backend).
+Headless rendering uses EGL (``MUJOCO_GL=egl``, set by the package unless the caller chose a backend).
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
-os.environ.setdefault("MUJOCO_GL", "egl")
+from recap_ros.sim.aloha import RenderUnavailable, gl_problem
 
-import mujoco  # noqa: E402
-import numpy as np  # noqa: E402
-from dm_control import mujoco as dm_mujoco  # noqa: E402
-from dm_control.rl.control import PhysicsError  # noqa: E402
-from gym_aloha import constants as aloha_constants  # noqa: E402
-from gym_aloha.tasks import sim as aloha_tasks  # noqa: E402
-from gym_aloha.utils import sample_box_pose, sample_insertion_pose  # noqa: E402
+try:
+    import mujoco
+except ModuleNotFoundError:  # the aloha extra is not installed
+    raise
+except Exception as e:  # noqa: BLE001 - mujoco loads its GL backend (MUJOCO_GL) on import
+    raise RenderUnavailable(gl_problem(e)) from None
+import numpy as np
+from dm_control import mujoco as dm_mujoco
+from dm_control.rl.control import PhysicsError
+from gym_aloha import constants as aloha_constants
+from gym_aloha.tasks import sim as aloha_tasks
+from gym_aloha.utils import sample_box_pose, sample_insertion_pose
 
-from recap_ros.sim.aloha import RenderUnavailable  # noqa: E402
-from recap_ros.sim.env import check_command  # noqa: E402
-from recap_ros.station import ALOHA_TASKS  # noqa: E402
+from recap_ros.sim.env import check_command
+from recap_ros.station import ALOHA_TASKS
 
 ARM_JOINTS = ("waist", "shoulder", "elbow", "forearm_roll", "wrist_angle", "wrist_rotate")
 # station order = gym-aloha's JOINTS order: left arm, left gripper, right arm, right gripper
@@ -95,9 +98,12 @@ def load_physics(task: str):
 class AlohaSim:
     """One ALOHA scene at a time (a reset may switch the task); ``physics`` is that scene's Physics."""
 
-    def __init__(self, timeout_s: float = 8.0, dt: float = aloha_constants.DT):
+    def __init__(self, timeout_s: float = 8.0, dt: float = aloha_constants.DT, preload: tuple[str, ...] = ()):
+        """``preload``: tasks whose scenes load now (a reset to another task loads its scene then)."""
         self.timeout_s, self.dt = float(timeout_s), float(dt)
         self._scenes: dict[str, tuple] = {}
+        for task in preload:
+            self._scene(task)
         self.task = ""
         self.seed: int | None = None
         self.physics = None
@@ -120,7 +126,7 @@ class AlohaSim:
         return self._scenes[task]
 
     def scene_model(self, task: str):
-        """The MjModel of a task's scene (loaded by an earlier reset to that task)."""
+        """The MjModel of a task's scene (preloaded, or loaded by an earlier reset to that task)."""
         return self._scenes[task][0].model.ptr
 
     def reset(self, task: str, seed: int) -> np.ndarray:
@@ -216,11 +222,3 @@ class AlohaRenderer:
 
     def close(self) -> None:
         self.renderer.close()
-
-
-def gl_problem(error: BaseException) -> str:
-    """One line saying why no GL context could be made, and what to install."""
-    backend = os.environ.get("MUJOCO_GL", "egl")
-    return (f"cannot render the ALOHA cameras with MUJOCO_GL={backend} ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); headless EGL on Debian/Ubuntu needs "
-            "`sudo apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri libopengl0`")
