@@ -58,7 +58,7 @@ class RemotePolicy:
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                self._ws, (self.info, self._keys, self._resize, self._max_bytes) = self._open()
+                self._ws, (self.info, self.image_keys, self.image_resize, self._max_bytes) = self._open()
                 break
             except PolicyError as e:
                 if time.monotonic() + self._backoff > deadline:
@@ -113,8 +113,8 @@ class RemotePolicy:
               advantage: bool = True) -> np.ndarray:
         """One chunk from the server (runtime contract); the caller validates it like a local model's."""
         size = self.info.image_size
-        views = [imaging.fit(np.asarray(img), size, size, self._resize) for img in images]
-        frame = encode_observation(views, self._keys, state, prompt, beta=beta, seed=seed, denoise_steps=steps,
+        views = [imaging.fit(np.asarray(img), size, size, self.image_resize) for img in images]
+        frame = encode_observation(views, self.image_keys, state, prompt, beta=beta, seed=seed, denoise_steps=steps,
                                    advantage=advantage)
         if len(frame) > self._max_bytes:
             raise PolicyError(f"request of {len(frame)} bytes exceeds the server's limit of {self._max_bytes}")
