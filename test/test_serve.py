@@ -180,6 +180,21 @@ def test_bad_requests_get_one_error_frame_each_and_the_connection_stays_usable(s
     assert served.proc.poll() is None
 
 
+def test_a_frame_beyond_the_hard_limit_closes_only_its_connection(served):
+    from websockets.exceptions import ConnectionClosedError
+
+    other, _ = open_ws(served.url)
+    ws, _ = open_ws(served.url)
+    ws.send(frame(prompt="x" * (4 * 2**20 + 10)))  # 4 x the 1 MiB request limit: not read
+    with pytest.raises(ConnectionClosedError) as e:
+        ws.recv(timeout=30)
+    assert e.value.rcvd.code == 1009
+    other.send(frame())
+    assert reply_actions(other.recv(timeout=30)).shape == (50, 14)
+    other.close()
+    assert served.proc.poll() is None
+
+
 def test_without_the_api_key_no_connection(served):
     for headers in (None, {"Authorization": "Api-Key wrong"}, {"Authorization": f"Bearer {KEY}"}):
         with pytest.raises(InvalidStatus) as e:

@@ -99,7 +99,7 @@ def unpackb(frame: bytes):
     except ProtocolError:
         raise
     except Exception as e:  # noqa: BLE001 - msgpack raises ExtraData, FormatError, StackError, ValueError, ...
-        raise ProtocolError(f"not a msgpack frame ({type(e).__name__}: {e})") from None
+        raise ProtocolError(f"not a msgpack frame ({type(e).__name__}{f': {e}' if str(e) else ''})") from None
 
 
 # ------------------------------------------------------------------------------------------------ observation
