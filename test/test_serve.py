@@ -153,6 +153,7 @@ def test_bad_requests_get_one_error_frame_each_and_the_connection_stays_usable(s
         "HWC image": frame(images={**{k: nd(img) for k in CAMS}, "cam_high": nd(np.zeros((48, 48, 3), np.uint8))}),
         "float image": frame(images={k: nd(img.astype(np.float32)) for k in CAMS}),
         "missing camera": frame(images={k: nd(img) for k in CAMS[:2]}),
+        "empty image": frame(images={k: nd(np.zeros((3, 0, 48), np.uint8)) for k in CAMS}),
         "no prompt": frame(prompt=None),
         "unknown key": frame(actions=nd(np.zeros(3))),
         "object dtype": frame(state={b"__ndarray__": True, b"data": b"\0" * 112, b"dtype": "|O", b"shape": [14]}),

@@ -55,6 +55,9 @@ def test_sim_station_on_a_remote_policy_holds_when_the_server_dies_and_recovers(
         wait_for(lambda: chunks_since(0) >= 3 or proc.poll() is not None, 150, "chunks from the remote policy")
         assert proc.poll() is None, station_log()
         assert "client" in server.log() and "connected" in server.log()
+        for _, m in msgs.since("chunks", 0):  # each chunk starts past its whole round trip (20 ms ticks)
+            v = {kv.key: kv.value for kv in m.status[0].values}
+            assert int(v["delay_ticks"]) * 20.0 >= float(v["latency_ms"]) - 20.0, v
         server.kill()
         t_kill = time.monotonic()
 
