@@ -4,8 +4,12 @@ uses. The launch graph runs it under the node name ``sim_robot`` for a station w
 Control (its own fixed-rate thread, absolute deadlines, late ticks caught up so sim time keeps up with wall
 time): each tick steps the physics one control period (gym-aloha's DT) toward the newest joint-position
 command from robot.command_topic and publishes joint states (station order, grippers normalised 0..1 as
-gym-aloha does, with velocities). Until a command arrives in an episode the arms hold their start pose; a
-command stamped before the episode's start is ignored; a bad command is counted and ignored.
+gym-aloha does, with velocities). Like a real arm's servo profile, the targets given to the physics follow the
+command within the station's joint limits (recap_ros.control.limits: position, velocity, acceleration; a
+command within them passes unchanged): MuJoCo's stiff position servos would otherwise snap to a far command
+(the previous episode's pose still in flight at a reset) and drive joints through their limits. Until a
+command arrives in an episode the arms hold their start pose; a command stamped before the episode's start is
+ignored; a bad command is counted and ignored.
 
 Cameras (``top``, ``left_wrist``, ``right_wrist``: MuJoCo cameras of the station cameras' names): one thread per
 camera at the camera's fps, each with its own GL context (``mujoco.Renderer``), rendering from a copy of the
@@ -46,6 +50,7 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from recap_ros import rosmsg
+from recap_ros.control.limits import JointLimits, Limiter
 from recap_ros.control.ticker import DeadlineLoop, PeriodMonitor
 from recap_ros.imaging import encode_jpeg
 from recap_ros.nodes import run_node
@@ -80,6 +85,8 @@ class AlohaSimNode(Node):
         self._lock = threading.Lock()
         self._command: np.ndarray | None = None
         self._hold = self.sim.qpos()
+        self.servo = Limiter(JointLimits.from_robot(st.robot))  # the targets the physics gets
+        self.servo.reset(self._hold)
         self._joints = (self._hold, np.zeros(len(self.names)))
         self._scene = (self.sim.task, self.sim.physics.data.qpos.copy())
         self._running = False
@@ -177,9 +184,10 @@ class AlohaSimNode(Node):
         renderers = {}  # task -> AlohaRenderer, made on this camera's thread (a GL context is per thread)
 
         def frame(periods: int, now_ns: int) -> None:
-            if not renderers:  # all at once: making one at an episode start would delay that episode's frames
-                renderers.update({t: self.aloha.AlohaRenderer(self.sim.scene_model(t), w, h)
-                                  for t in self.station.sim.tasks})
+            if not renderers:  # all at once, each drawn once (the GL driver compiles on a scene's first draw):
+                for t in self.station.sim.tasks:  # doing that at an episode start would delay its first frames
+                    renderers[t] = self.aloha.AlohaRenderer(self.sim.scene_model(t), w, h)
+                    renderers[t].render(cam.name, renderers[t].model.qpos0)
             with self._lock:  # stamped under the lock: a frame stamped after an episode start shows that episode
                 task, qpos = self._scene
                 stamp_ns = rosmsg.now_ns(self)
@@ -223,7 +231,7 @@ class AlohaSimNode(Node):
                 self._next_start = float("inf")
                 self.get_logger().info(f"all {len(self.seeds)} seeds of the 'seeds' parameter done: idle")
             if self._running:
-                self.sim.step(self._hold if self._command is None else self._command)
+                self.sim.step(self.servo.step(self._hold if self._command is None else self._command))
                 self.stats["physics_steps"] += 1
                 self._joints = (self.sim.qpos(), self.sim.qvel())
                 self._scene = (self.sim.task, self.sim.physics.data.qpos.copy())
@@ -263,6 +271,7 @@ class AlohaSimNode(Node):
         q = self.sim.reset(tasks[k % len(tasks)], self.station.sim.seed + k if self.seeds is None else self.seeds[k])
         self._episode_start_ns = rosmsg.now_ns(self)
         self._command, self._hold = None, q
+        self.servo.reset(q)
         self._joints = (q, self.sim.qvel())
         self._scene = (self.sim.task, self.sim.physics.data.qpos.copy())
         self._running = True
