@@ -303,8 +303,25 @@ def test_remote_policy_equals_local_and_checks_the_station(served, local):
     with pytest.raises(PolicyError, match="non-finite"):
         remote.infer(views(), np.full(14, np.nan), PROMPT)
     assert remote.infer(views(), q, PROMPT).shape == (50, 14)  # the connection survived the error
-    assert remote.last_rtt_ms >= remote.server_timing["infer_ms"] > 0
+    assert remote.server_timing["infer_ms"] > 0
     remote.close()
+
+
+def test_connect_remote_from_the_station_policy_section(served, monkeypatch):
+    from types import SimpleNamespace
+
+    from recap_ros.serve.client import connect_remote
+
+    section = SimpleNamespace(server=served.url, api_key_env="RECAP_TEST_UNSET_KEY")
+    monkeypatch.delenv("RECAP_TEST_UNSET_KEY", raising=False)
+    with pytest.raises(PolicyError, match="RECAP_TEST_UNSET_KEY is not set"):
+        connect_remote(section, "sim_policy")
+    monkeypatch.setenv("RECAP_TEST_UNSET_KEY", KEY)
+    with pytest.raises(PolicyError, match="policy.bundle is 'tiny' but .* serves 'sim_policy'"):
+        connect_remote(section, "tiny")
+    connect_remote(section, "sim_policy").close()
+    with pytest.raises(PolicyError, match="needs policy.server"):
+        connect_remote(SimpleNamespace(server="", api_key_env=""), "sim_policy")
 
 
 def test_server_killed_then_back_reconnects_with_backoff(tmp_path):

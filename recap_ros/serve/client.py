@@ -53,7 +53,6 @@ class RemotePolicy:
         self._headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
         self._ws = None
         self._backoff, self._retry_at = BACKOFF_S[0], 0.0
-        self.last_rtt_ms: float | None = None
         self.server_timing: dict = {}
         deadline = time.monotonic() + wait_s
         while True:
@@ -119,7 +118,6 @@ class RemotePolicy:
         if len(frame) > self._max_bytes:
             raise PolicyError(f"request of {len(frame)} bytes exceeds the server's limit of {self._max_bytes}")
         ws = self._connection()
-        t0 = time.perf_counter()
         try:
             ws.send(frame)
             reply = ws.recv(timeout=self.request_timeout_s)
@@ -130,7 +128,6 @@ class RemotePolicy:
         except (OSError, WebSocketException) as e:
             self._drop()
             raise PolicyError(f"remote policy server {self.url}: connection lost ({_why(e)}); reconnecting") from None
-        self.last_rtt_ms = (time.perf_counter() - t0) * 1e3
         try:
             actions, self.server_timing = decode_reply(reply)
         except ProtocolError as e:
