@@ -15,6 +15,11 @@ and the live/offline ratio.
 ``--expert``: the scripted expert drives through the policy's mux input instead of the policy (no policy
 server); with ``--corrector`` this measures false takeovers (the expert never breaks keep-out). Takeovers are
 counted by reason from the corrector's log, and the bags land in ``--out``/bags.
+
+``--station aloha_sim`` (MuJoCo ALOHA): episodes alternate over the station's tasks; success per task (Wilson
+95 % CI) is printed next to ACT's published figures. The scripted expert and the corrector run inside the
+station's sim node (they read the physics): ``--expert`` sets its ``expert_input`` parameter. There is no
+offline roll-out for this station.
 """
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ from sim_policy_eval import HELD_OUT_SEED, wilson  # noqa: E402
 from recap_ros.station import load_station  # noqa: E402
 
 TAKEOVER_RE = re.compile(r"taking over on \S+: ([^:(]+)")
+# ACT (Zhao et al. 2023), Table 1: success with 50 scripted / 50 human demonstrations
+ACT_SUCCESS = {"transfer_cube": (0.90, 0.50), "insertion": (0.50, 0.20)}
 
 
 def station_file(base: str, out: Path, bundle: str | None, corrector: bool) -> Path:
@@ -156,12 +163,15 @@ class Probe:
 
 def run_live(station_yaml: Path, seeds: list[int], expert: bool, log_path: Path, timeout_s: float) -> dict:
     st = load_station(str(station_yaml))
+    aloha = st.sim.simulator == "aloha"  # its expert runs in the sim node, and so does its corrector
     cmd = [sys.executable, "-m", "recap_ros.runner", str(station_yaml), "--set", f"sim_robot.seeds={seeds}"]
     if expert:  # the expert drives the policy's input: no policy server
         for name in ("sim_robot", "teleop_mux", "episode_recorder") + (("scripted_corrector",) if st.sim.corrector
-                                                                        else ()):
+                                                                        and not aloha else ()):
             cmd += ["--only", name]
-    probe = Probe(st, expert)
+        if aloha:
+            cmd += ["--set", "sim_robot.expert_input=policy"]
+    probe = Probe(st, expert and not aloha)
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.monotonic()
@@ -226,6 +236,15 @@ def main(argv=None) -> int:
     if live["takeovers"] or a.corrector:
         print(f"live   : corrector takeovers {sum(live['takeovers'].values())} in {n} episodes, by reason "
               f"{dict(live['takeovers'])}")
+    if st.sim.simulator == "aloha":
+        for task, (scripted, human) in ACT_SUCCESS.items():
+            done = [e for e in ends if e["task"] == task]
+            if done:
+                k_task = sum(e["success"] for e in done)
+                lo, hi = wilson(k_task, len(done))
+                print(f"live {task}: success {k_task}/{len(done)} = {k_task / len(done):.2f} (95% CI {lo:.2f}-"
+                      f"{hi:.2f}); failures {dict(Counter(e['reason'] for e in done if not e['success']))}; ACT "
+                      f"(Table 1): {scripted:.0%} with 50 scripted, {human:.0%} with 50 human demonstrations")
     mux = live["mux"]
     if mux:
         print(f"live   : mux re-anchors {mux.get('reanchors', '?')}, preemptions {mux.get('preemptions', '?')}, "
@@ -239,7 +258,7 @@ def main(argv=None) -> int:
                   f"(histogram {dict(sorted(Counter(d.tolist()).items()))}); stale/other holds "
                   f"{srv.get('holds', '?')}, missed ticks {srv.get('missed_ticks', '?')}, period error p99 "
                   f"{srv.get('period_err_p99_ms', '?')} ms")
-        if not a.no_offline:
+        if not a.no_offline and st.sim.simulator != "aloha":
             import torch
 
             from sim_policy_eval import evaluate
