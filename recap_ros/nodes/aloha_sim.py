@@ -33,7 +33,6 @@ Without the ``aloha`` extra, or without a working GL, it refuses to start with o
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 import threading
 import time
@@ -42,9 +41,7 @@ from collections import deque
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from rclpy.exceptions import ParameterUninitializedException
 from rclpy.node import Node
-from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, JointState
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
@@ -54,6 +51,7 @@ from recap_ros.control.limits import JointLimits, Limiter
 from recap_ros.control.ticker import DeadlineLoop, PeriodMonitor
 from recap_ros.imaging import encode_jpeg
 from recap_ros.nodes import run_node
+from recap_ros.nodes.sim_robot import SimRobot
 from recap_ros.sim.env import check_command
 from recap_ros.station import Camera, StationConfigError, load_station
 
@@ -64,6 +62,12 @@ EXPERT_MODULE = "recap_ros.sim.aloha.expert"
 
 
 class AlohaSimNode(Node):
+    # the kinematic sim's command intake (bad and pre-episode commands counted and ignored), event publishing and
+    # seed list, on the same attributes (station, names, stats, _episode_start_ns, _command, event_pub)
+    _on_command = SimRobot._on_command
+    _event = SimRobot._event
+    _seed_list = SimRobot._seed_list
+
     def __init__(self):
         super().__init__("sim_robot")
         self.station = st = load_station(self.declare_parameter("station", "aloha_sim").value)
@@ -158,13 +162,6 @@ class AlohaSimNode(Node):
 
         return ExpertDriver(AlohaExpert(), st.sim.corrector_patience_s, always=bool(name)), target
 
-    def _seed_list(self) -> list[int] | None:
-        self.declare_parameter("seeds", Parameter.Type.INTEGER_ARRAY)
-        try:
-            return [int(s) for s in self.get_parameter("seeds").value]
-        except ParameterUninitializedException:
-            return None
-
     def _on_error(self, name: str):
         def report(e: Exception) -> None:  # the loop keeps running; the error is logged with its source
             if rclpy.ok():
@@ -205,21 +202,6 @@ class AlohaSimNode(Node):
                             name=f"camera-{cam.name}", max_lag_s=CAMERA_MAX_LAG_S)
 
     # ------------------------------------------------------------------ commands and control
-    def _on_command(self, msg) -> None:
-        try:
-            q = check_command(rosmsg.positions_from_command(msg, self.station.robot.command_type, self.names),
-                              len(self.names))
-        except (rosmsg.MessageError, ValueError) as e:
-            self.stats["bad_commands"] += 1
-            self.get_logger().warning(f"ignored bad command on {self.station.robot.command_topic} "
-                                      f"(#{self.stats['bad_commands']}): {e}", throttle_duration_sec=2.0)
-            return
-        header = getattr(msg, "header", None)
-        if header is not None and rosmsg.stamp_to_ns(header.stamp) < self._episode_start_ns:
-            self.stats["old_commands"] += 1  # sent before this episode began (for the previous one's pose)
-            return
-        self._command = q
-
     def _on_active(self, msg: String) -> None:
         self._active_source = msg.data
 
@@ -299,10 +281,6 @@ class AlohaSimNode(Node):
                 self.mode_pub.publish(String(data="policy"))
             else:  # someone else (a teleoperator) drives now: leave the mode to them
                 self.get_logger().info(f"{self._active_source or 'nobody'} drives: not handing back")
-
-    def _event(self, payload: dict, stamp_ns: int | None = None) -> None:
-        payload["stamp_ns"] = rosmsg.now_ns(self) if stamp_ns is None else stamp_ns
-        self.event_pub.publish(String(data=json.dumps(payload)))
 
     def _on_reset(self, request, response):
         with self._lock:
