@@ -16,6 +16,6 @@ class RenderUnavailable(RuntimeError):
 def gl_problem(error: BaseException) -> str:
     """One line saying why no GL context could be made, and what to install."""
     detail = str(error).splitlines()[0] if str(error) else "no detail"
-    return (f"cannot render the ALOHA cameras with MUJOCO_GL={os.environ.get('MUJOCO_GL', '')} "
-            f"({type(error).__name__}: {detail}); headless EGL on Debian/Ubuntu needs "
+    return (f"cannot render the ALOHA cameras with MUJOCO_GL={os.environ.get('MUJOCO_GL', '')} (read when mujoco "
+            f"is first imported) ({type(error).__name__}: {detail}); headless EGL on Debian/Ubuntu needs "
             "`sudo apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri libopengl0`")
