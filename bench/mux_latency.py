@@ -1,21 +1,24 @@
-"""teleop_mux latency, measured through real middleware with the mux in its own process.
+"""teleop_mux latency, measured through real middleware with the mux in its own processes.
 
+- forwarding latency: an input command is published -> the output carrying it (the mux forwards on arrival);
+- baseline: the same two DDS hops through a plain relay process (no mux logic); the mux's added latency is
+  forwarding minus relay (p50 and p99 differences and ratios, measured in the same run);
 - switch latency: a mode message (policy <-> teleop, both inputs publishing at 50 Hz) is published -> the
   first command on robot.command_topic that comes from the new source (goal: <= one 20 ms control tick);
-- forwarding latency: an input command is published -> the first output carrying it;
-- baseline: the same two DDS hops through a trivial echo process (no mux logic), so the mux's own cost is
-  forwarding minus baseline;
-- output rate: from the header stamps of the commands received (grid ticks on absolute deadlines plus one
-  extra tick per switch), with the interval p50 / p99 / max, goal: the control rate.
+- ``--minutes M``: an endurance run: the policy input drives at 50 Hz for M minutes, and every input command
+  must reach the robot exactly once (duplicated and skipped commands are counted, for the relay as well),
+  then the hold stream's rate over 5 s (goal: the control rate).
 
-Each figure is measured idle and with ``--hogs`` busy-loop processes competing for the cores, alternating
-(the machine's own load changes affect both alike); the loaded / idle ratios are printed.
+The bench plays an ideal robot: every command it receives is published back as the joint state. Each latency
+figure is measured idle and with ``--hogs`` busy-loop processes competing for the cores, alternating (the
+machine's own load changes affect both alike); the loaded / idle ratios are printed.
 
-The two sources differ by 1e-4 rad, which the step limit (2 rad/s) lets through on any tick >= 50 us after the
-previous one, so a switch shows in its first tick; joint 0 carries a sequence number (1e-5 rad steps),
-joint 1 tells the source apart.
+The two sources differ by 1e-4 rad on joint 1 (which tells them apart); joint 0 (1e-6 rad steps, wrapping every
+1000) and joint 2 (1e-6 rad per wrap) carry a sequence number, so every command is within the velocity and
+acceleration limits and is forwarded bit for bit.
 
     ROS_DOMAIN_ID=.. ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST .venv/bin/python bench/mux_latency.py [--quick]
+        [--minutes 10]
 """
 from __future__ import annotations
 
@@ -30,8 +33,9 @@ import time
 import numpy as np
 
 SOURCE_MARK = {"policy": 0.2, "teleop": 0.2001}
-SEQ_STEP = 1e-5
+SEQ_STEP = 1e-6
 SEQ_WRAP = 1000
+SEQ_BASE = 0.1  # joint 2: SEQ_BASE + (seq // SEQ_WRAP) * SEQ_STEP
 ECHO_IN, ECHO_OUT = "/mux_bench/echo_in", "/mux_bench/echo_out"
 
 
@@ -65,16 +69,28 @@ def pct(xs) -> str:
             f"(n={a.size})")
 
 
+def encode(source: str, seq: int, n: int) -> np.ndarray:
+    q = np.full(n, 0.1)
+    q[0] = (seq % SEQ_WRAP) * SEQ_STEP
+    q[1] = SOURCE_MARK[source]
+    q[2] = SEQ_BASE + (seq // SEQ_WRAP) * SEQ_STEP
+    return q
+
+
+def decode(q) -> tuple[str, int] | None:
+    """(source, seq) of a forwarded command; None for anything else (a limited step, the start position)."""
+    source = min(SOURCE_MARK, key=lambda s: abs(SOURCE_MARK[s] - q[1]))
+    if abs(SOURCE_MARK[source] - q[1]) > 1e-9:
+        return None
+    return source, int(round(q[0] / SEQ_STEP)) + SEQ_WRAP * int(round((q[2] - SEQ_BASE) / SEQ_STEP))
+
+
 class Bench:
     def __init__(self, node, st):
         from sensor_msgs.msg import JointState
         from std_msgs.msg import String
 
-        from recap_ros.rosmsg import (
-            COMMAND_QOS,
-            joint_state_msg,
-            positions_from_joint_state,
-        )
+        from recap_ros.rosmsg import COMMAND_QOS, joint_state_msg, positions_from_joint_state
 
         self.st, self.names, self.String = st, st.robot.joint_names, String
         self.joint_state_msg, self.positions = joint_state_msg, positions_from_joint_state
@@ -82,7 +98,7 @@ class Bench:
         self.sent: dict[tuple[str, int], float] = {}
         self.seq = 0
         self.forward: list[float] = []
-        self.seen: set[tuple[str, int]] = set()
+        self.out_count: dict[tuple[str, int], int] = {}
         self.switch_t: tuple[str, float] | None = None
         self.switches: list[float] = []
         self.outputs = 0
@@ -94,24 +110,21 @@ class Bench:
         self.echo_pub = node.create_publisher(JointState, ECHO_IN, COMMAND_QOS)
         node.create_subscription(JointState, ECHO_OUT, self.on_echo, COMMAND_QOS)
         self.echo_sent: dict[int, float] = {}
+        self.echo_count: dict[int, int] = {}
         self.echo: list[float] = []
 
-    def q(self, source: str, seq: int) -> np.ndarray:
-        q = np.full(len(self.names), 0.1)
-        q[0] = (seq % SEQ_WRAP) * SEQ_STEP
-        q[1] = SOURCE_MARK[source]
-        return q
-
-    def publish_inputs(self) -> None:
+    def publish_inputs(self, sources=tuple(SOURCE_MARK)) -> None:
+        n = len(self.names)
         with self.lock:
             self.seq += 1
             seq = self.seq
-            for name in SOURCE_MARK:
-                self.sent[(name, seq % SEQ_WRAP)] = time.monotonic()
-        for name in SOURCE_MARK:
-            self.pub[name].publish(self.joint_state_msg(self.names, self.q(name, seq), 0))
-        self.echo_sent[seq % SEQ_WRAP] = time.monotonic()
-        self.echo_pub.publish(self.joint_state_msg(self.names, self.q("policy", seq), 0))
+            for name in sources:
+                self.sent[(name, seq)] = time.monotonic()
+        for name in sources:
+            self.pub[name].publish(self.joint_state_msg(self.names, encode(name, seq, n), 0))
+        with self.lock:
+            self.echo_sent[seq] = time.monotonic()
+        self.echo_pub.publish(self.joint_state_msg(self.names, encode("policy", seq, n), 0))
 
     def mode(self, source: str) -> None:
         with self.lock:
@@ -120,100 +133,154 @@ class Bench:
 
     def on_output(self, msg) -> None:
         t = time.monotonic()
+        self.js.publish(msg)  # the ideal robot: it is where it was told to be
         q = self.positions(msg, self.names)
-        source = min(SOURCE_MARK, key=lambda s: abs(SOURCE_MARK[s] - q[1]))
-        seq = int(round(q[0] / SEQ_STEP))
+        key = decode(q)
         with self.lock:
             self.outputs += 1
             self.stamps.append(msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec)
-            if abs(SOURCE_MARK[source] - q[1]) > 1e-9:
-                return  # a step-limited handover tick (not expected with these inputs)
-            if (source, seq) not in self.seen and (source, seq) in self.sent:
-                self.seen.add((source, seq))
-                self.forward.append(t - self.sent[(source, seq)])
-            if self.switch_t and self.switch_t[0] == source:
+            if key is None or msg.header.frame_id == "hold":
+                return
+            self.out_count[key] = self.out_count.get(key, 0) + 1
+            if self.out_count[key] == 1 and key in self.sent:
+                self.forward.append(t - self.sent[key])
+            if self.switch_t and self.switch_t[0] == key[0]:
                 self.switches.append(t - self.switch_t[1])
                 self.switch_t = None
 
     def on_echo(self, msg) -> None:
-        seq = int(round(msg.position[0] / SEQ_STEP))
-        if seq in self.echo_sent:
-            self.echo.append(time.monotonic() - self.echo_sent.pop(seq))
+        t = time.monotonic()
+        key = decode(np.asarray(msg.position))
+        if key is None:
+            return
+        with self.lock:
+            self.echo_count[key[1]] = self.echo_count.get(key[1], 0) + 1
+            if self.echo_count[key[1]] == 1 and key[1] in self.echo_sent:
+                self.echo.append(t - self.echo_sent[key[1]])
 
     def reset_stats(self) -> None:
         with self.lock:
             self.forward.clear()
             self.switches.clear()
             self.echo.clear()
-            self.seen.clear()
             self.stamps.clear()
 
 
-def run_mode(st, hogs: int, duration: float, switch_every: float) -> dict:
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.node import Node
+class Station:
+    """The mux and the relay as processes, a bench node spinning in a thread."""
 
-    env = dict(os.environ)
-    mux = subprocess.Popen([sys.executable, "-m", "recap_ros.nodes.teleop_mux", "--ros-args", "-p",
-                            f"station:={st.file}", "--log-level", "warn"], env=env, start_new_session=True)
-    echo = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--echo"], env=env,
-                            start_new_session=True)
-    node = Node(f"mux_bench_{hogs}_hogs")
-    b = Bench(node, st)
-    ex = SingleThreadedExecutor()
-    ex.add_node(node)
-    threading.Thread(target=ex.spin, daemon=True).start()
-    stop = threading.Event()
-    hog_procs: list[subprocess.Popen] = []
+    def __init__(self, st, name: str):
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.node import Node
 
-    def feeder():  # 1 % slower than the control rate: the phase to the mux's timer sweeps every 2 s
-        next_t = time.monotonic()
-        while not stop.is_set():
-            b.publish_inputs()
-            next_t += st.robot.period_s * 1.01
-            time.sleep(max(0.0, next_t - time.monotonic()))
-
-    try:
-        deadline = time.monotonic() + 60
-        b.mode("hold")  # both inputs start publishing under an explicit hold (no preemption)
+        env = dict(os.environ)
+        self.procs = [subprocess.Popen([sys.executable, "-m", "recap_ros.nodes.teleop_mux", "--ros-args", "-p",
+                                        f"station:={st.file}", "--log-level", "warn"], env=env,
+                                       start_new_session=True),
+                      subprocess.Popen([sys.executable, os.path.abspath(__file__), "--echo"], env=env,
+                                       start_new_session=True)]
+        self.node = Node(name)
+        self.b = Bench(self.node, st)
+        self.ex = SingleThreadedExecutor()
+        self.ex.add_node(self.node)
+        threading.Thread(target=self.ex.spin, daemon=True).start()
+        self.stop = threading.Event()
+        b, deadline = self.b, time.monotonic() + 60
+        b.mode("hold")  # inputs start publishing under an explicit hold (no preemption)
         while b.outputs == 0 or b.echo_pub.get_subscription_count() == 0:
-            if time.monotonic() > deadline or mux.poll() is not None:
+            if time.monotonic() > deadline or self.procs[0].poll() is not None:
+                self.close()
                 raise SystemExit("teleop_mux did not start publishing")
-            b.js.publish(b.joint_state_msg(b.names, np.full(len(b.names), 0.1), 0))
+            b.js.publish(b.joint_state_msg(b.names, encode("policy", 0, len(b.names)), 0))
             b.mode("hold")
             time.sleep(0.1)
-        threading.Thread(target=feeder, daemon=True).start()
+
+    def feed(self, period_s: float, sources=tuple(SOURCE_MARK)) -> None:
+        def run():
+            next_t = time.monotonic()
+            while not self.stop.is_set():
+                self.b.publish_inputs(sources)
+                next_t += period_s
+                time.sleep(max(0.0, next_t - time.monotonic()))
+        threading.Thread(target=run, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        for p in self.procs:
+            os.killpg(p.pid, signal.SIGINT)
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        self.ex.shutdown(timeout_sec=2)
+        self.node.destroy_node()
+
+
+def run_mode(st, hogs: int, duration: float, switch_every: float) -> dict:
+    s = Station(st, f"mux_bench_{hogs}_hogs")
+    b = s.b
+    hog_procs: list[subprocess.Popen] = []
+    try:
+        # 1 % slower than the control rate: the phase to the mux's hold grid sweeps every 2 s
+        s.feed(st.robot.period_s * 1.01)
         b.mode("policy")
         hog_procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(hogs)]
         time.sleep(1.0)
         b.reset_stats()
         t_end, source = time.monotonic() + duration, "policy"
         while time.monotonic() < t_end:
-            # switch at a random phase relative to the control tick
+            # switch at a random phase relative to the inputs
             time.sleep(switch_every + np.random.uniform(0, st.robot.period_s))
             source = "teleop" if source == "policy" else "policy"
             b.mode(source)
         time.sleep(0.2)
         with b.lock:
-            stamps = np.sort(np.asarray(b.stamps, dtype=np.int64))
-            gaps = list(np.diff(stamps) * 1e-9)
-            span = (stamps[-1] - stamps[0]) * 1e-9 if len(stamps) > 1 else 0.0
-            return {"forward": list(b.forward), "switch": list(b.switches), "echo": list(b.echo),
-                    "intervals": gaps, "span": [span], "extra": [len(b.switches)]}
+            return {"forward": list(b.forward), "switch": list(b.switches), "echo": list(b.echo)}
     finally:
-        stop.set()
         for h in hog_procs:
             h.kill()
             h.wait()
-        for p in (mux, echo):
-            os.killpg(p.pid, signal.SIGINT)
-        for p in (mux, echo):
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-        ex.shutdown(timeout_sec=2)
-        node.destroy_node()
+        s.close()
+
+
+def endurance(st, minutes: float) -> dict:
+    """The policy drives at the control rate for ``minutes``: every command exactly once? Then 5 s of hold."""
+    s = Station(st, "mux_bench_endurance")
+    b = s.b
+    try:
+        b.mode("policy")
+        time.sleep(0.5)
+        with b.lock:
+            b.sent.clear()
+            b.echo_sent.clear()
+            b.out_count.clear()
+            b.echo_count.clear()
+            first = b.seq + 1
+        s.feed(st.robot.period_s, sources=("policy",))
+        time.sleep(minutes * 60)
+        s.stop.set()
+        time.sleep(1.0)  # the last commands arrive
+        with b.lock:
+            seqs = [seq for (name, seq) in b.sent if name == "policy" and seq >= first]
+            out = {seq: n for (name, seq), n in b.out_count.items() if name == "policy" and seq >= first}
+            echo = {seq: n for seq, n in b.echo_count.items() if seq >= first}
+            res = {"sent": len(seqs),
+                   "mux_dup": sum(n - 1 for n in out.values()), "mux_skip": sum(seq not in out for seq in seqs),
+                   "echo_dup": sum(n - 1 for n in echo.values()), "echo_skip": sum(seq not in echo for seq in seqs),
+                   "forward": list(b.forward), "echo": list(b.echo)}
+        b.mode("hold")
+        time.sleep(1.0)
+        with b.lock:
+            b.stamps.clear()
+        time.sleep(5.0)
+        with b.lock:
+            stamps = np.sort(np.asarray(b.stamps, dtype=np.int64))
+        res["hold_hz"] = (len(stamps) - 1) / ((stamps[-1] - stamps[0]) * 1e-9) if len(stamps) > 1 else 0.0
+        res["hold_gaps"] = list(np.diff(stamps) * 1e-9)
+        return res
+    finally:
+        s.close()
 
 
 def core_cost_us(st, n: int = 20000) -> float:
@@ -232,14 +299,21 @@ def core_cost_us(st, n: int = 20000) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def added(fwd, echo, q: float) -> str:
+    a, e = np.percentile(np.asarray(fwd) * 1e3, q), np.percentile(np.asarray(echo) * 1e3, q)
+    return f"p{q:g} {a - e:+6.2f} ms (mux {a:.2f} / relay {e:.2f} = x{a / e:.2f})"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--station", default="sim")
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per output mode")
-    ap.add_argument("--quick", action="store_true", help="3 s per mode")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per load")
+    ap.add_argument("--quick", action="store_true", help="3 s per load, 1 round")
     ap.add_argument("--rounds", type=int, default=3, help="alternating idle / loaded rounds")
     ap.add_argument("--hogs", type=int, default=2, help="busy-loop processes in the loaded runs")
     ap.add_argument("--switch-every", type=float, default=0.2, help="seconds between mode switches")
+    ap.add_argument("--minutes", type=float, default=0.0,
+                    help="then an endurance run: the policy drives at 50 Hz for this long (duplicates, skips)")
     ap.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.echo:
@@ -254,7 +328,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"{st.file}: the bench decodes JointState commands (command_type joint_state)")
     duration = 3.0 if args.quick else args.duration
     rounds = 1 if args.quick else args.rounds
-    keys = ("forward", "switch", "echo", "intervals", "span", "extra")
+    keys = ("forward", "switch", "echo")
     loads = (0, args.hogs)
     res = {h: {k: [] for k in keys} for h in loads}
     rclpy.init()
@@ -263,30 +337,38 @@ def main(argv=None) -> int:
             for hogs in loads:
                 for k, v in run_mode(st, hogs, duration / rounds, args.switch_every).items():
                     res[hogs][k] += v
+        long = endurance(st, args.minutes) if args.minutes > 0 else None
     finally:
         rclpy.try_shutdown()
     tick_ms = st.robot.period_s * 1e3
     print(f"teleop_mux latency, station '{st.name}', control tick {tick_ms:.0f} ms, {duration:.0f} s per load "
           f"in {rounds} alternating rounds")
-    print(f"  arbitration core, command + tick (no ROS)  {core_cost_us(st):.1f} us")
-    rates = {}
+    print(f"  arbitration core, joint state + command + tick (no ROS)  {core_cost_us(st):.1f} us")
     for hogs in loads:
         r = res[hogs]
         name = f"{hogs} hogs"
         within = np.mean(np.asarray(r["switch"]) <= st.robot.period_s) * 100 if r["switch"] else float("nan")
-        # grid rate: received commands minus the extra switch ticks, over the stamp span
-        rates[hogs] = (len(r["intervals"]) - sum(r["extra"])) / max(sum(r["span"]), 1e-9)
-        print(f"  {name} baseline 2 DDS hops (echo)  {pct(r['echo'])}")
-        print(f"  {name} switch                      {pct(r['switch'])}  <= 1 tick: {within:.0f} %")
-        print(f"  {name} forwarding                  {pct(r['forward'])}")
-        print(f"  {name} output interval (stamps)    {pct(r['intervals'])}")
-        print(f"  {name} output rate {rates[hogs]:.2f} Hz = {rates[hogs] / st.robot.control_rate_hz:.3f} x the "
-              f"control rate")
+        print(f"  {name} plain relay (2 DDS hops)   {pct(r['echo'])}")
+        print(f"  {name} mux forwarding            {pct(r['forward'])}")
+        if r["forward"] and r["echo"]:
+            print(f"  {name} added by the mux          {added(r['forward'], r['echo'], 50)}, "
+                  f"{added(r['forward'], r['echo'], 99)}")
+        print(f"  {name} switch                    {pct(r['switch'])}  <= 1 tick: {within:.0f} %")
     for key in ("switch", "forward"):
         a, t = res[args.hogs][key], res[0][key]
         if a and t:
             print(f"  ratio loaded / idle, {key:8s} p50 {np.median(a) / np.median(t):.2f}  "
                   f"p99 {np.percentile(a, 99) / np.percentile(t, 99):.2f}")
+    if long is not None:
+        print(f"  endurance {args.minutes:g} min at {st.robot.control_rate_hz:g} Hz, policy driving, "
+              f"{long['sent']} commands sent:")
+        print(f"    mux:   {long['mux_dup']} duplicated, {long['mux_skip']} skipped; forwarding {pct(long['forward'])}")
+        print(f"    relay: {long['echo_dup']} duplicated, {long['echo_skip']} skipped; {pct(long['echo'])}")
+        if long["forward"] and long["echo"]:
+            print(f"    added by the mux {added(long['forward'], long['echo'], 50)}, "
+                  f"{added(long['forward'], long['echo'], 99)}")
+        print(f"    then holding: {long['hold_hz']:.2f} Hz = {long['hold_hz'] / st.robot.control_rate_hz:.3f} x the "
+              f"control rate, interval {pct(long['hold_gaps'])}")
     return 0
 
 
