@@ -17,6 +17,9 @@ measures for ``--duration`` seconds and prints:
   aloha_sim's own control-loop monitor;
 * each camera's delivered rate and render time (p50, from aloha_sim's diagnostics); episodes and successes.
 
+Before the station starts it times one render of each camera in this process (p50 over ``--renders``), with the
+station's scene flags (shadows, reflections, skybox off) and with MuJoCo's defaults, and one physics step.
+
 Figures measured on a loaded shared machine are noisy: the load average is printed with them.
 """
 from __future__ import annotations
@@ -143,6 +146,40 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def standalone_costs(station, n: int) -> None:
+    """p50 ms of a physics step and of one render per camera (cheap scene flags vs MuJoCo's defaults)."""
+    from recap_ros.sim.aloha.env import AlohaRenderer, AlohaSim  # first: it picks headless EGL for mujoco
+
+    import mujoco
+
+    def p50(fn) -> float:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times)) * 1e3
+
+    sim = AlohaSim()
+    q = sim.reset(station.sim.tasks[0], 0)
+    print(f"physics step (DT {sim.dt:g} s, {sim.n_sub_steps} substeps): p50 {p50(lambda: sim.step(q)):.2f} ms")
+    cam = station.cameras[0]
+    model, qpos = sim.scene_model(sim.task), sim.physics.data.qpos.copy()
+    cheap = AlohaRenderer(model, cam.output_width, cam.output_height)
+    default = mujoco.Renderer(model, height=cam.output_height, width=cam.output_width)
+    data = cheap.data
+    for c in station.cameras:
+        def render_default(name=c.name):
+            default.update_scene(data, camera=name)
+            default.render()
+
+        fast = p50(lambda name=c.name: cheap.render(name, qpos))
+        print(f"render {c.name} {cam.output_width}x{cam.output_height}: p50 {fast:.1f} ms (shadows, reflections, "
+              f"skybox off) vs {p50(render_default):.1f} ms (MuJoCo's default flags)")
+    cheap.close()
+    default.close()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--station", default="aloha_sim")
@@ -150,6 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--settle", type=float, default=15.0, help="seconds after start before measuring")
     ap.add_argument("--fps", type=float, default=None, help="camera rate (default: the station's)")
     ap.add_argument("--expert", action="store_true", help="the scripted expert drives; no policy server")
+    ap.add_argument("--renders", type=int, default=30, help="renders per camera for the standalone cost")
     a = ap.parse_args(argv)
     out = Path(tempfile.mkdtemp(prefix="aloha-cost-"))
     data = load_station(a.station).raw
@@ -167,6 +205,7 @@ def main(argv=None) -> int:
     print(f"station {st.name}: {driver}; cameras {[(c.name, c.fps) for c in st.cameras]} at "
           f"{st.cameras[0].output_width}x{st.cameras[0].output_height}; {os.cpu_count()} CPUs; output {out}",
           flush=True)
+    standalone_costs(st, a.renders)
     probe = Probe(st)
     log = open(out / "station.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
