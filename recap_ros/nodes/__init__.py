@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import multiprocessing as mp
 import signal
 import sys
 import threading
@@ -57,6 +58,31 @@ def ignore_stop_signals() -> None:
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def start_child(target: Callable, spec, name: str, timeout_s: float):
+    """Start ``target(spec, inbox, outbox)`` in a spawned daemon process (a node's real-time part: its own GIL)
+    with stop signals blocked (:func:`stop_signals_blocked`; the child calls :func:`ignore_stop_signals` and
+    stops when ``inbox`` closes), and wait up to ``timeout_s`` for its first report. Returns (process, the end
+    that sends to its inbox, the end that receives from its outbox, the first report); the outbox reaches EOF
+    when the child exits. Raises RuntimeError when it does not start or exits at start."""
+    ctx = mp.get_context("spawn")
+    child_in, to_child = ctx.Pipe(duplex=False)
+    from_child, child_out = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=target, args=(spec, child_in, child_out), daemon=True, name=name)
+    with stop_signals_blocked():  # a Ctrl-C while the child imports must not kill it
+        proc.start()
+    child_in.close()
+    child_out.close()  # only the child holds the write end: its exit is EOF here
+    if not from_child.poll(timeout_s):
+        proc.kill()
+        raise RuntimeError(f"{name} did not start within {timeout_s:g} s")
+    try:
+        first = from_child.recv()
+    except EOFError:
+        proc.join(1.0)
+        raise RuntimeError(f"{name} exited at start (exit code {proc.exitcode})") from None
+    return proc, to_child, from_child, first
 
 
 def run_node(name: str, make_node: Callable, args=None,

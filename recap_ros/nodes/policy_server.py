@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import gc
 import json
-import multiprocessing as mp
 import queue
 import sys
 import threading
@@ -63,7 +62,7 @@ from recap_ros.control.guidance import BETA_OFF, beta_problem
 from recap_ros.control.policy_tick import POLICY_INPUT, PolicyTick, TickConfig
 from recap_ros.control.stitching import HOLD_NO_CHUNK, JointLimits, Request
 from recap_ros.control.ticker import CONTROL_PRIORITY, DeadlineLoop, PeriodMonitor, try_realtime
-from recap_ros.nodes import ignore_stop_signals, run_node, stop_signals_blocked
+from recap_ros.nodes import ignore_stop_signals, run_node, start_child
 from recap_ros.station import BETA_MIN, load_station
 
 OK, WARN, ERROR = 0, 1, 2
@@ -283,25 +282,9 @@ class PolicyServer(Node):
 
     # ------------------------------------------------------------------------------------ tick process
     def _start_tick_process(self, spec: _TickSpec) -> None:
-        ctx = mp.get_context("spawn")
-        tick_in, self._tick_inbox = ctx.Pipe(duplex=False)
-        self._tick_outbox, tick_out = ctx.Pipe(duplex=False)
         self._send_lock = threading.Lock()
-        self._tick_proc = ctx.Process(target=_tick_process, args=(spec, tick_in, tick_out), daemon=True,
-                                      name=spec.node_name)
-        with stop_signals_blocked():  # a Ctrl-C while the child imports must not kill it
-            self._tick_proc.start()
-        tick_in.close()
-        tick_out.close()  # only the child holds the write end: its exit is EOF here
-        if not self._tick_outbox.poll(TICK_START_TIMEOUT_S):
-            self._tick_proc.kill()
-            raise RuntimeError(f"tick process did not start within {TICK_START_TIMEOUT_S:g} s")
-        try:
-            kind, scheduling = self._tick_outbox.recv()
-        except EOFError:
-            self._tick_proc.join(1.0)
-            raise RuntimeError(f"tick process exited at start (exit code {self._tick_proc.exitcode})") from None
-        self._tick_scheduling = scheduling
+        self._tick_proc, self._tick_inbox, self._tick_outbox, (_ready, self._tick_scheduling) = start_child(
+            _tick_process, spec, spec.node_name, TICK_START_TIMEOUT_S)
         self._to_tick("clock", rosmsg.now_ns(self) - time.monotonic_ns())
         self._reader = threading.Thread(target=self._read_tick, name="policy-tick-reports", daemon=True)
         self._reader.start()

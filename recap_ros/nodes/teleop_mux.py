@@ -34,7 +34,6 @@ threads when permitted, e.g. root or an rtprio limit; 0: normal scheduling), ``d
 from __future__ import annotations
 
 import gc
-import multiprocessing as mp
 import queue
 import sys
 import threading
@@ -45,7 +44,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.node import Node
 
 from recap_ros import rosmsg
-from recap_ros.nodes import ignore_stop_signals, run_node, stop_signals_blocked
+from recap_ros.nodes import ignore_stop_signals, run_node, start_child
 from recap_ros.station import load_station
 
 START_TIMEOUT_S = 60.0  # the output process imports rclpy and numpy; a loaded machine takes seconds
@@ -253,23 +252,8 @@ class TeleopMuxNode(Node):
 
     # ------------------------------------------------------------------------------------ output process
     def _start_output_process(self, spec: _OutputSpec) -> tuple[str, str]:
-        ctx = mp.get_context("spawn")
-        child_in, self._to_child = ctx.Pipe(duplex=False)
-        self._from_child, child_out = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_output_process, args=(spec, child_in, child_out), daemon=True,
-                                 name=spec.node_name)
-        with stop_signals_blocked():  # a Ctrl-C while the child imports must not kill it
-            self._proc.start()
-        child_in.close()
-        child_out.close()  # only the child holds the write end: its exit is EOF here
-        if not self._from_child.poll(START_TIMEOUT_S):
-            self._proc.kill()
-            raise RuntimeError(f"output process did not start within {START_TIMEOUT_S:g} s")
-        try:
-            kind, *scheduling = self._from_child.recv()
-        except EOFError:
-            self._proc.join(1.0)
-            raise RuntimeError(f"output process exited at start (exit code {self._proc.exitcode})") from None
+        self._proc, self._to_child, self._from_child, (_ready, *scheduling) = start_child(
+            _output_process, spec, spec.node_name, START_TIMEOUT_S)
         threading.Thread(target=self._read_child, name="teleop_mux reports", daemon=True).start()
         return tuple(scheduling)
 
