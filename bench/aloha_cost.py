@@ -13,8 +13,9 @@ measures for ``--duration`` seconds and prints:
   control loop catches up late ticks for up to 1 s, so RTF < 1 means ticks were given up);
 * CPU per node (% of one core, the node's process and its children, from /proc) and the machine's load;
 * the command stream (/robot/command, the mux's header stamps) and the joint-state stream (aloha_sim's stamps):
-  p50 / p99 absolute period error, missed ticks (a gap of >= 1.5 periods counts the ticks it swallowed), and
-  aloha_sim's own control-loop monitor;
+  p50 / p99 absolute period error, missed ticks (a gap of >= 1.5 periods counts the ticks it swallowed), within
+  the episodes (between two episodes the command sources stop and the mux only holds after its input timeout)
+  and over the whole window; and aloha_sim's own control-loop monitor;
 * each camera's delivered rate and render time (p50, from aloha_sim's diagnostics); episodes and successes.
 
 Before the station starts it times one render of each camera in this process (p50 over ``--renders``), with the
@@ -69,6 +70,8 @@ class Probe:
         self.frames: Counter = Counter()
         self.diag: list[tuple[float, dict]] = []
         self.ends: list[dict] = []
+        self.episode_start_ns = 0
+        self.episodes_ns: list[tuple[int, int]] = []  # (start, end) stamps of the episodes ended in the window
         n.create_subscription(JointState, station.robot.command_topic, self._stamp("command"), rosmsg.COMMAND_QOS)
         n.create_subscription(JointState, station.robot.joint_states_topic, self._stamp("joints"),
                               rosmsg.COMMAND_QOS)
@@ -102,8 +105,11 @@ class Probe:
 
     def _on_event(self, msg):
         ev = json.loads(msg.data)
-        if ev.get("event") == "end" and self.recording:
+        if ev.get("event") == "start":
+            self.episode_start_ns = int(ev["stamp_ns"])
+        elif ev.get("event") == "end" and self.recording:
             self.ends.append(ev)
+            self.episodes_ns.append((self.episode_start_ns, int(ev["stamp_ns"])))
 
     def close(self):
         self.executor.shutdown(timeout_sec=2)
@@ -257,8 +263,13 @@ def main(argv=None) -> int:
             print(f"{label}: {len(s)} messages")
             continue
         pf = period_figures(s, dt)
-        print(f"{label}: {len(s) / wall:.1f} Hz; period error p50 {pf['p50']:.2f} ms, p99 {pf['p99']:.2f} ms, max "
-              f"{pf['max']:.1f} ms; missed ticks {pf['missed']}")
+        # within episodes only: between them the sources stop and the mux holds after its input timeout
+        inside = [period_figures(s[(s >= a) & (s <= b)], dt) for a, b in probe.episodes_ns
+                  if np.count_nonzero((s >= a) & (s <= b)) >= 3]
+        err = (f"within the {len(inside)} episodes p99 {max(f['p99'] for f in inside):.2f} ms (worst episode), "
+               f"missed ticks {sum(f['missed'] for f in inside)}; " if inside else "")
+        print(f"{label}: {len(s) / wall:.1f} Hz; {err}whole window p50 {pf['p50']:.2f} ms, p99 {pf['p99']:.2f} ms, "
+              f"max {pf['max']:.1f} ms, missed ticks {pf['missed']}")
     for cam in st.cameras:
         print(f"camera {cam.name}: {probe.frames[cam.name] / wall:.1f} Hz delivered (set {cam.fps:g}), render p50 "
               f"{float(v1[cam.name + '_render_ms_p50']):.1f} ms")

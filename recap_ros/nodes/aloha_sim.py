@@ -1,8 +1,8 @@
 """aloha_sim: the MuJoCo ALOHA station (recap_ros.sim.aloha, gym-aloha's physics) on the topics a real station
 uses. The launch graph runs it under the node name ``sim_robot`` for a station with ``sim.simulator: aloha``.
 
-Control (its own fixed-rate thread, absolute deadlines, late ticks caught up so sim time keeps up with wall
-time): each tick steps the physics one control period (gym-aloha's DT) toward the newest joint-position
+Control (its own fixed-rate thread, SCHED_FIFO when allowed, absolute deadlines, late ticks caught up so sim
+time keeps up with wall time): each tick steps the physics one control period (gym-aloha's DT) toward the newest joint-position
 command from robot.command_topic and publishes joint states (station order, grippers normalised 0..1 as
 gym-aloha does, with velocities). Like a real arm's servo profile, the targets given to the physics follow the
 command within the station's joint limits (recap_ros.control.limits: position, velocity, acceleration; a
@@ -48,7 +48,7 @@ from std_srvs.srv import Trigger
 
 from recap_ros import rosmsg
 from recap_ros.control.limits import JointLimits, Limiter
-from recap_ros.control.ticker import DeadlineLoop, PeriodMonitor
+from recap_ros.control.ticker import CONTROL_PRIORITY, DeadlineLoop, PeriodMonitor
 from recap_ros.imaging import encode_jpeg
 from recap_ros.nodes import run_node
 from recap_ros.nodes.sim_robot import SimRobot
@@ -118,7 +118,8 @@ class AlohaSimNode(Node):
         self.create_timer(1.0, self._publish_diagnostics)
         self.control = PeriodMonitor(robot.period_s)
         self.loops = [DeadlineLoop(robot.period_s, lambda periods, now_ns: self._tick(), self.control,
-                                   self._on_error("control"), name="control", max_lag_s=CONTROL_MAX_LAG_S)]
+                                   self._on_error("control"), priority=CONTROL_PRIORITY, name="control",
+                                   max_lag_s=CONTROL_MAX_LAG_S)]
         self.loops += [self._camera_loop(cam) for cam in st.cameras]
         for loop in self.loops:
             loop.start()
