@@ -88,7 +88,7 @@ class RemotePolicy:
             raise PolicyError(f"remote policy server {self.url}: not connected; next attempt in "
                               f"{self._retry_at - now:.1f} s")
         try:
-            ws, (info, keys, resize, limit) = self._open()
+            ws, (info, _, _, limit) = self._open()  # same bundle id: same cameras and resize
             if info.bundle_id != self.info.bundle_id:
                 ws.close()
                 raise PolicyError(f"remote policy server {self.url} now serves bundle {info.name} ({info.bundle_id}), "
