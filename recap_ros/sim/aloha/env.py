@@ -44,11 +44,10 @@ ARM_JOINTS = ("waist", "shoulder", "elbow", "forearm_roll", "wrist_angle", "wris
 JOINT_NAMES = tuple(f"{side}_{j}" for side in ("left", "right") for j in (*ARM_JOINTS, "gripper"))
 CAMERAS = ("top", "left_wrist", "right_wrist")
 SUCCESS_REWARD = 4
-# Prompts of LeRobot's aloha_sim datasets for the same tasks.
+# The task strings of LeRobot's aloha_sim datasets (aloha_sim_transfer_cube_*, aloha_sim_insertion_*).
 PROMPTS = {"transfer_cube": "Pick up the cube with the right arm and transfer it to the left arm.",
            "insertion": "Insert the peg into the socket."}
-_TASKS = {"transfer_cube": ("bimanual_viperx_transfer_cube.xml", aloha_tasks.TransferCubeTask,
-                            lambda seed: sample_box_pose(seed)),
+_TASKS = {"transfer_cube": ("bimanual_viperx_transfer_cube.xml", aloha_tasks.TransferCubeTask, sample_box_pose),
           "insertion": ("bimanual_viperx_insertion.xml", aloha_tasks.InsertionTask,
                         lambda seed: np.concatenate(sample_insertion_pose(seed)))}
 assert set(_TASKS) == set(ALOHA_TASKS) == set(PROMPTS)
