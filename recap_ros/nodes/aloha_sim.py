@@ -71,6 +71,9 @@ class AlohaSimNode(Node):
     def __init__(self):
         super().__init__("sim_robot")
         self.station = st = load_station(self.declare_parameter("station", "aloha_sim").value)
+        if st.sim is None or st.sim.simulator != "aloha":
+            raise StationConfigError(st.file, "sim.simulator", st.sim.simulator if st.sim else st.robot.type,
+                                     "aloha_sim needs a sim station with sim.simulator aloha")
         try:
             from recap_ros.sim.aloha import env as aloha
         except ImportError as e:
@@ -131,9 +134,6 @@ class AlohaSimNode(Node):
 
     def _check_station(self, aloha) -> None:
         st = self.station
-        if st.sim is None or st.sim.simulator != "aloha":
-            raise StationConfigError(st.file, "sim.simulator", st.sim.simulator if st.sim else st.robot.type,
-                                     "aloha_sim needs a sim station with sim.simulator aloha")
         if tuple(st.robot.joint_names) != aloha.JOINT_NAMES:
             raise StationConfigError(st.file, "robot.joints", st.robot.joint_names, "aloha_sim publishes gym-aloha's "
                                      f"joints in this order: {list(aloha.JOINT_NAMES)}")
