@@ -7,6 +7,7 @@ from recap_ros.export.align import (
     Stream,
     Tolerances,
     align_episode,
+    camera_tolerance_s,
     interpolate,
     latest,
     segments,
@@ -95,3 +96,26 @@ def test_align_rejects_bad_tolerances_and_modes():
     cams, joints, command, _ = _streams()
     with pytest.raises(ValueError, match="joint_mode"):
         align_episode(0, NS, 50.0, cameras=cams, joints=joints, command=command, joint_mode="cubic")
+
+
+def test_default_camera_tolerance_is_three_periods_of_the_slowest_camera_at_least_0_1_s():
+    assert camera_tolerance_s([15.0, 15.0, 15.0]) == pytest.approx(0.2)  # 3 / 15
+    assert camera_tolerance_s([30.0, 10.0]) == pytest.approx(0.3)        # the slowest: 3 / 10
+    assert camera_tolerance_s([30.0]) == pytest.approx(0.1)              # 3 / 30
+    assert camera_tolerance_s([60.0]) == pytest.approx(0.1)              # 3 / 60 = 0.05, below the 0.1 s floor
+    assert camera_tolerance_s([]) == pytest.approx(0.1)
+
+
+def test_one_dropped_frame_of_a_15_fps_camera_is_a_gap_at_0_1_s_not_at_its_default():
+    # frames every 1/15 s; the one at 0.400 s dropped: frame 0.333 s serves ticks 0.34 .. 0.46 (the next is at
+    # 0.467). Ticks 0.44 and 0.46 see it 0.107 and 0.127 s old: over 0.1 s, under 3 / 15 = 0.2 s.
+    cams, joints, command, _ = _streams(cam_drop=[(0.39, 0.41)], cam_fps=15.0)
+    al = align_episode(0, NS, 50.0, cameras=cams, joints=joints, command=command, tol=Tolerances(camera_s=0.1))
+    assert len(al.gaps) == 1
+    g = al.gaps[0]
+    assert (g.start_s, g.end_s) == (pytest.approx(0.44), pytest.approx(0.46))
+    assert g.max_age_s == pytest.approx(0.46 - 5 / 15)
+    assert np.flatnonzero(~al.valid).tolist() == [22, 23]
+    al = align_episode(0, NS, 50.0, cameras=cams, joints=joints, command=command,
+                       tol=Tolerances(camera_s=camera_tolerance_s([15.0])))
+    assert not al.gaps and al.valid.all()

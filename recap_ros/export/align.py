@@ -45,6 +45,16 @@ class Tolerances:
                 raise ValueError(f"tolerance {k} must be a finite number >= 0 (got {v!r})")
 
 
+CAMERA_FRAMES = 3  # default camera tolerance in frame periods of the slowest camera (0.1 s at 30 fps)
+
+
+def camera_tolerance_s(fps: list[float]) -> float:
+    """Default camera tolerance for cameras at these rates: ``CAMERA_FRAMES`` periods of the slowest one, at
+    least ``Tolerances.camera_s`` (a 15 fps camera's frame is 67 ms old just before the next: 0.2 s allows two
+    late frames). No cameras: ``Tolerances.camera_s``."""
+    return max([Tolerances.camera_s] + [CAMERA_FRAMES / f for f in fps])
+
+
 @dataclass(frozen=True)
 class Stream:
     """Time-stamped samples: stamps (n,) int64 ns sorted ascending, values (n, ...) indexable."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from recap_ros.export.align import Tolerances
+from recap_ros.export.align import Tolerances, camera_tolerance_s
 from recap_ros.export.bagread import UNFINISHED
 from recap_ros.export.exporter import (
     ON_GAP,
@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-gap", choices=ON_GAP, default="split",
                    help="gaps beyond tolerance: keep the valid segments as episodes, or skip the episode")
     p.add_argument("--min-segment-s", type=float, default=1.0, help="drop segments shorter than this")
-    p.add_argument("--camera-tol-s", type=float, default=Tolerances.camera_s)
+    p.add_argument("--camera-tol-s", type=float, help="a camera frame older than this at a tick is a gap "
+                   "(default: 3 frame periods of the station's slowest camera, at least 0.1 s)")
     p.add_argument("--joint-tol-s", type=float, default=Tolerances.joint_s)
     p.add_argument("--command-tol-s", type=float, default=Tolerances.command_s)
     p.add_argument("--edge-tol-s", type=float, default=Tolerances.edge_s)
@@ -123,7 +124,8 @@ def run(args: argparse.Namespace, out=sys.stdout) -> tuple[int, list[BagResult]]
     bags = find_bags(args.bags)
     station = load_station(_station_of(bags, args.station))
     cfg = ExportConfig(
-        tolerances=Tolerances(args.camera_tol_s, args.joint_tol_s, args.command_tol_s, args.edge_tol_s),
+        tolerances=Tolerances(camera_tolerance_s([c.fps for c in station.cameras]) if args.camera_tol_s is None
+                              else args.camera_tol_s, args.joint_tol_s, args.command_tol_s, args.edge_tol_s),
         joint_mode=args.joints, on_gap=args.on_gap, min_segment_s=args.min_segment_s, max_len=args.max_len,
         task_max_len=_task_max_len(args.task_max_len), c_fail=args.c_fail, num_bins=args.bins,
         assume_outcome=args.assume_outcome,
