@@ -16,20 +16,26 @@ the frame of `vx300s_<side>/gripper_link`: x points out between the fingers, y i
 along). Every tick the expert reads the measured state (joint positions, object poses, finger-object contacts)
 and picks each arm's waypoint (a pose of its fingertip site) and gripper target from it alone:
 
-* transfer_cube: the right arm grasps the cube from above (tilted 60 deg), carries it to a meeting point in
-  the air, the left arm comes in horizontally with its fingers vertical and closes on the cube (reward 4);
-  then the right arm lets go and backs off. Cube held by the left -> lift it clear of the table; held by the
-  right -> carry it to the meeting point; held by neither (at the start, dropped, knocked away) -> the right
-  arm (re-)grasps it where it lies while the left waits beside the meeting point.
+* transfer_cube: the right arm grasps the cube from above (approach 60 deg below horizontal), carries it to
+  a meeting point in the air, the left arm comes in horizontally with its fingers vertical and closes on the
+  cube (reward 4); then the right arm lets go and backs off. Cube held by the left -> lift it clear of the
+  table; held by the right -> carry it to the meeting point; held by neither (at the start, dropped, knocked
+  away) -> the right arm (re-)grasps it where it lies while the left waits beside the meeting point.
 * insertion: the left arm grasps the socket and the right arm the peg, both from straight above at their
   centres; each held object is carried to a pose in the air, axis along x; then the peg's tip is servoed onto
-  the socket's axis from the measured poses of both objects, and pushed in until it touches the pin (reward
-  4). An object that is not held (at the start, dropped) is (re-)grasped where it lies.
+  the socket's axis from the measured poses of both objects (so a grasp that slipped is corrected for), and
+  pushed in until it touches the pin (reward 4); a tip caught on the socket's rim backs off and aligns again.
+  An object that is not held (at the start, dropped) is (re-)grasped where it lies.
 
 A grasp follows a funnel: open the gripper and go to a stand-off pose 8 cm back along the approach axis, move
 in along that axis once the tip is on it and the gripper is open, close once at the grasp pose; a gripper that
-closes on nothing opens again and the approach restarts. Nothing depends on time since reset, so the expert
-takes over from any state a policy leaves the robot in (the corrector's case).
+closes on nothing opens again and the approach restarts. The approach pitch is the task's preferred one unless
+the IK cannot reach that grasp or its stand-off from the home pose, then the next of CUBE_PITCHES /
+BAR_PITCHES that it reaches (an object far out). An arm holds an object once both fingers touch it, and keeps
+holding it while its gripper stays closed on something with the object at the tip; a held object moves only
+once the gripper command is SQUEEZE below the measured opening (a take-over starts from the measured opening,
+which does not squeeze). Nothing depends on time since reset, so the expert takes over from any state a policy
+leaves the robot in (the corrector's case).
 
 Motion: a Cartesian reference pose per arm moves toward the waypoint at a bounded linear and angular speed;
 damped-least-squares inverse kinematics on the MuJoCo model (`mj_jacSite` over the arm's 6 joints, on a
@@ -64,7 +70,7 @@ GRIPPER_EMPTY_MEASURED = 0.15               # measured opening below which a clo
 LINEAR_SPEED = 0.45                         # m/s, reference speed between waypoints
 APPROACH_SPEED = 0.2                        # m/s, along a grasp's approach axis
 INSERT_SPEED = 0.06                         # m/s, peg into the socket
-ANGULAR_SPEED = 2.5                         # rad/s, reference rotation
+ANGULAR_SPEED = 2.5                         # rad/s, reference rotation at LINEAR_SPEED (slower in proportion)
 EASE_GAIN = 8.0                             # 1/s: speed <= gain * distance left
 STANDOFF = 0.08                             # m back along the approach axis before moving in
 ON_AXIS_TOL = 0.012                         # m: tip this close to the approach axis may move in
@@ -83,17 +89,24 @@ IK_DAMPING = 0.03
 IK_ROT_WEIGHT = 0.2                         # m per rad in the IK error
 
 TABLE_Z = 0.0                               # table top
-CUBE_HALF = 0.02
 PEG_HALF_LEN = 0.06
 SOCKET_HALF_LEN = 0.06
 PIN_DEPTH = SOCKET_HALF_LEN - 0.04          # socket mouth to the pin's end along the axis
-CUBE_PITCH = np.deg2rad(60)                 # approach below horizontal when picking the cube
+CUBE_PITCHES = tuple(np.deg2rad([60, 75, 45, 90, 30]))  # approaches below horizontal to pick the cube, preferred first
+BAR_PITCHES = tuple(np.deg2rad([90, 75, 60, 45]))       # ... to pick the peg or the socket
+FINGER_HALF_WIDTH = 0.03                    # m, fingertip half width across the closing axis
+TABLE_CLEARANCE = 0.003                     # m, fingertips' lowest corner above the table
+REGRASP_MOVE = 0.01                         # m the object moves before its grasp is chosen again
+REACH_IK_ITERS = 40
+REACH_TOL = 0.005                           # m (and 0.05 rad) IK error of a reachable pose
 TRANSFER_MEET = np.array([0.0, 0.5, 0.22])  # cube centre during the hand-over (jittered per seed)
 SOCKET_MEET = np.array([-0.08, 0.5, 0.2])   # socket centre in the air (jittered per seed)
 INSERT_GAP = 0.02                           # m: peg tip before the mouth while aligning
 INSERT_DEPTH = PIN_DEPTH + 0.01             # m: peg tip past the mouth aimed at (beyond the pin's end)
-ALIGN_TOL = 0.004                           # m: tip off the socket axis allowed while pushing in
-ALIGN_ANGLE_TOL = 0.06                      # rad: peg axis off the socket axis allowed while pushing in
+ALIGN_TOL = 0.006                           # m: tip off the socket axis allowed while pushing in (8 mm clearance)
+ALIGN_ANGLE_TOL = 0.08                      # rad: peg axis off the socket axis allowed while pushing in
+INSIDE_TOL = 0.008                          # m: largest offset of a peg tip inside the socket's opening
+SERVO_NEAR = 0.03                           # m: peg and socket servo at INSERT_SPEED this close to their goals
 MEET_JITTER = 0.02                          # m, per-seed offset of the meeting points (demo diversity)
 
 TASKS = ("transfer_cube", "insertion")
@@ -184,7 +197,6 @@ class AlohaExpert:
     def __init__(self):
         self.task: str | None = None
         self._model = None
-        self._rng = np.random.default_rng(0)
         self._meet = TRANSFER_MEET.copy()
         self._ref: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._limit: dict[str, Limiter] = {}
@@ -192,6 +204,7 @@ class AlohaExpert:
         self._held: dict[str, bool] = {}        # the arm holds its object (see _holds)
         self._homing: dict[str, bool] = {}      # the arm returns to HOME in joint space
         self._stuck: dict[str, int] = {}        # ticks the IK has not reached the reference
+        self._grasp_pitch: dict[str, tuple[np.ndarray, float]] = {}   # object position it was chosen at, pitch
         self._time = 0.0
 
     # ------------------------------------------------------------------ API
@@ -209,13 +222,12 @@ class AlohaExpert:
                 np.append(VELOCITY_MARGIN * MAX_VELOCITY, GRIPPER_SPEED),
                 np.append(np.full(6, MAX_ACCELERATION), GRIPPER_ACCELERATION), DT) for s, a in self._arms.items()}
         self.task = task
-        self._rng = np.random.default_rng(seed)
         base = TRANSFER_MEET if task == "transfer_cube" else SOCKET_MEET
-        self._meet = base + np.array([*self._rng.uniform(-MEET_JITTER, MEET_JITTER, 2), 0.0])
+        self._meet = base + np.array([*np.random.default_rng(seed).uniform(-MEET_JITTER, MEET_JITTER, 2), 0.0])
         names = ("box",) if task == "transfer_cube" else ("peg", "socket")
         self._bodies = {n: model.body(n).id for n in names}
         self._geoms = {n: {g for g in range(model.ngeom) if model.geom_bodyid[g] == b} for n, b in self._bodies.items()}
-        self._ref = {}
+        self._ref, self._grasp_pitch = {}, {}
 
     def act(self, physics) -> np.ndarray:
         """The next 14-dim joint-position command (gym-aloha's action convention) from the measured state."""
@@ -331,20 +343,13 @@ class AlohaExpert:
 
     # ------------------------------------------------------------ transfer
     def _cube_grasp(self, obs) -> tuple[np.ndarray, np.ndarray]:
-        """Right tip pose grasping the cube where it lies: tilted approach, fingers on two side faces."""
+        """Right tip pose grasping the cube where it lies: fingers on the two side faces across the arm's reach."""
         p_box, R_box = self._pose(obs["d"], "box")
         from_base = np.append(_unit(p_box[:2] - self._base_xy(obs, "right")), 0.0)
         faces = [R_box[:, i] for i in range(3) if abs(R_box[2, i]) < 0.7]   # horizontal face normals
         side_dir = np.cross([0.0, 0.0, 1.0], from_base)
         fingers = max(faces, key=lambda n: abs(np.dot(n, side_dir))) if faces else side_dir
-        fingers = _unit(np.array([fingers[0], fingers[1], 0.0]))
-        h = np.cross(fingers, [0.0, 0.0, 1.0])
-        h = h if np.dot(h, from_base) > 0 else -h
-        approach = np.cos(CUBE_PITCH) * h - np.sin(CUBE_PITCH) * np.array([0.0, 0.0, 1.0])
-        R = grasp_frame(approach, fingers, np.append(h[:2], 1.0))
-        g = p_box.copy()
-        g[2] = max(g[2], TABLE_Z + CUBE_HALF)
-        return g, R
+        return self._reachable_grasp(obs, "right", "box", p_box, fingers, CUBE_PITCHES)
 
     def _receive_pose(self, cube: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Left tip pose closing on the cube's top and bottom faces, coming in horizontally along +x."""
@@ -384,14 +389,43 @@ class AlohaExpert:
 
     # ------------------------------------------------------------ insertion
     def _top_grasp(self, obs, side: str, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """Tip pose grasping a lying bar-shaped object at its centre from straight above, fingers across it."""
+        """Tip pose grasping a lying bar-shaped object at its centre from above, fingers across it."""
         p_obj, R_obj = self._pose(obs["d"], name)
         axis = np.array([R_obj[0, 0], R_obj[1, 0], 0.0])
         fingers = np.cross([0.0, 0.0, 1.0], axis) if np.linalg.norm(axis) > 1e-6 else np.array([0.0, 1.0, 0.0])
-        away = np.append(p_obj[:2] - self._base_xy(obs, side), 0.0)
-        R = grasp_frame(np.array([0.0, 0.0, -1.0]), fingers, away)
-        g = p_obj + np.array([0.0, 0.0, 0.004])
-        return g, R
+        return self._reachable_grasp(obs, side, name, p_obj + np.array([0.0, 0.0, 0.004]), fingers, BAR_PITCHES)
+
+    def _reachable_grasp(self, obs, side: str, name: str, g: np.ndarray, fingers: np.ndarray,
+                         pitches: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Tip pose grasping at g: fingers along `fingers` (made horizontal), the approach leaning away from the
+        arm's base at the first of these pitches (below horizontal) whose grasp and stand-off poses the IK
+        reaches from the home pose (the first pitch if none). The pitch is chosen again once the object has
+        moved REGRASP_MOVE from where it was chosen."""
+        p_obj = self._pose(obs["d"], name)[0]
+        fingers = _unit(np.array([fingers[0], fingers[1], 0.0]))
+        from_base = np.append(p_obj[:2] - self._base_xy(obs, side), 0.0)
+        h = np.cross(fingers, [0.0, 0.0, 1.0])
+        h = h if np.dot(h, from_base) >= 0 else -h
+
+        def pose(pitch):
+            approach = np.cos(pitch) * h - np.sin(pitch) * np.array([0.0, 0.0, 1.0])
+            gp = g.copy()
+            gp[2] = max(gp[2], TABLE_Z + FINGER_HALF_WIDTH * np.cos(pitch) + TABLE_CLEARANCE)
+            return gp, grasp_frame(approach, fingers, h + np.array([0.0, 0.0, 1.0]))
+
+        def reachable(pitch):
+            gp, R = pose(pitch)
+            return all(self._reaches(self._arms[side], p, R) for p in (gp, gp - STANDOFF * R[:, 0]))
+
+        cached = self._grasp_pitch.get(side)
+        if cached is None or np.linalg.norm(cached[0] - p_obj) > REGRASP_MOVE:
+            cached = self._grasp_pitch[side] = (p_obj, next(filter(reachable, pitches), pitches[0]))
+        return pose(cached[1])
+
+    def _reaches(self, arm: Arm, p: np.ndarray, R: np.ndarray) -> bool:
+        q = arm.ik(p, R, HOME, iters=REACH_IK_ITERS)
+        p_q, R_q = arm.fk(q)
+        return np.linalg.norm(p_q - p) < REACH_TOL and np.linalg.norm(rotation_error(R, R_q)) < 10 * REACH_TOL
 
     def _plan_insertion(self, obs):
         d = obs["d"]
@@ -403,7 +437,8 @@ class AlohaExpert:
             self._closing["left"] = True
             R_goal = rotate(R_sock, align(R_sock[:, 0] * np.sign(R_sock[0, 0] or 1.0), np.array([1.0, 0, 0])))
             p, R = self._carry(obs, "left", "socket", self._meet, R_goal)
-            plan["left"] = (p, R, LINEAR_SPEED, 0.0)
+            near = np.linalg.norm(p_sock - self._meet) < SERVO_NEAR
+            plan["left"] = (p, R, INSERT_SPEED if near else LINEAR_SPEED, 0.0)
         else:
             plan["left"] = self._grasp(obs, "left", *self._top_grasp(obs, "left", "socket"))
         if not right_holds:
@@ -427,11 +462,13 @@ class AlohaExpert:
         lateral = float(np.linalg.norm(rel - along * u))
         angle = float(np.linalg.norm(align(a_peg, -u)))
         aligned = lateral < ALIGN_TOL and angle < ALIGN_ANGLE_TOL
-        depth = -INSERT_DEPTH if aligned or along < 0 else INSERT_GAP
+        inside = along < 0 and lateral < INSIDE_TOL       # in the opening, not stuck on the socket's rim
+        depth = -INSERT_DEPTH if aligned or inside else INSERT_GAP
         tip_goal = mouth + depth * u
         R_goal = rotate(R_peg, align(a_peg, -u))
         p, R = self._carry(obs, "right", "peg", tip_goal - PEG_HALF_LEN * (-u), R_goal)
-        plan["right"] = (p, R, INSERT_SPEED if aligned else LINEAR_SPEED, 0.0)
+        near = aligned or np.linalg.norm(tip - tip_goal) < SERVO_NEAR
+        plan["right"] = (p, R, INSERT_SPEED if near else LINEAR_SPEED, 0.0)
         return plan
 
     # --------------------------------------------------------------- motion
@@ -445,7 +482,8 @@ class AlohaExpert:
         w = rotation_error(goal_R, R)
         angle = float(np.linalg.norm(w))
         if angle > 1e-9:
-            R = rotate(R, w * min(1.0, min(ANGULAR_SPEED, EASE_GAIN * angle) * DT / angle))
+            omega = ANGULAR_SPEED * speed / LINEAR_SPEED
+            R = rotate(R, w * min(1.0, min(omega, EASE_GAIN * angle) * DT / angle))
         self._ref[side] = (p, R)
         arm = self._arms[side]
         wanted = arm.ik(p, R, self._limit[side].position[:6])
