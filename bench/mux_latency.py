@@ -1,6 +1,7 @@
 """teleop_mux latency, measured through real middleware with the mux in its own processes.
 
-- forwarding latency: an input command is published -> the output carrying it (the mux forwards on arrival);
+- forwarding latency: an input command of the active source is published -> the output carrying it (the mux
+  forwards on arrival; the command a switch outputs counts as a switch sample);
 - baseline: the same two DDS hops through a plain relay process (no mux logic); the mux's added latency is
   forwarding minus relay (p50 and p99 differences and ratios, measured in the same run);
 - switch latency: a mode message (policy <-> teleop, both inputs publishing at 50 Hz) is published -> the
@@ -142,11 +143,13 @@ class Bench:
             if key is None or msg.header.frame_id == "hold":
                 return
             self.out_count[key] = self.out_count.get(key, 0) + 1
-            if self.out_count[key] == 1 and key in self.sent:
-                self.forward.append(t - self.sent[key])
             if self.switch_t and self.switch_t[0] == key[0]:
+                # the switch outputs the new source's newest command, published while it was not active: a
+                # switch sample, not a forwarding one
                 self.switches.append(t - self.switch_t[1])
                 self.switch_t = None
+            elif self.out_count[key] == 1 and key in self.sent:
+                self.forward.append(t - self.sent[key])
 
     def on_echo(self, msg) -> None:
         t = time.monotonic()
