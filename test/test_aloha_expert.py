@@ -49,6 +49,19 @@ def test_expert_reaches_success_within_the_limits(task):
         assert sim.status.state == "success", (task, seed, sim.status)
 
 
+@pytest.mark.parametrize("xy", [(0.3, 0.4), (-0.15, 0.5)])
+def test_cube_outside_the_sampled_area(xy):
+    """A cube next to the right arm's base (the 60 deg approach is out of reach: a steeper one is chosen) or under
+    the hand-over point (the left arm waits out of the right arm's way)."""
+    sim, expert = AlohaSim(timeout_s=EPISODE_TICKS * 0.02), AlohaExpert()
+    sim.reset("transfer_cube", 0)
+    sim.physics.named.data.qpos["red_box_joint"][:2] = xy
+    mujoco.mj_forward(sim.physics.model.ptr, sim.physics.data.ptr)
+    expert.reset(sim.physics, "transfer_cube", 0)
+    drive(sim, expert, EPISODE_TICKS, StationLimiter(sim))
+    assert sim.status.state == "success", sim.status
+
+
 @pytest.mark.parametrize("side", SIDES)
 def test_ik_reaches_a_reachable_pose(side):
     """A pose MuJoCo's forward kinematics gives for some joint positions is reached from the home pose."""
@@ -93,7 +106,7 @@ def test_takeover_after_a_dropped_cube():
         command += swing
         sim.step(command)
     assert _object_z(sim, "box") < 0.03 and sim.reward == 0
-    drive(sim, corrector, EPISODE_TICKS)
+    drive(sim, corrector, EPISODE_TICKS, StationLimiter(sim))   # the mux starts from the measured position
     assert sim.status.state == "success", sim.status
 
 
@@ -114,5 +127,5 @@ def test_takeover_after_both_objects_dropped_and_an_arm_turned_away():
         command[7], command[8] = min(command[7] + 0.02, 1.8), max(command[8] - 0.02, -1.2)
         sim.step(command)
     assert max(_object_z(sim, "socket"), _object_z(sim, "peg")) < 0.05 and abs(sim.qpos()[7]) > 1.6
-    drive(sim, corrector, EPISODE_TICKS)
+    drive(sim, corrector, EPISODE_TICKS, StationLimiter(sim))   # the mux starts from the measured position
     assert sim.status.state == "success", sim.status

@@ -43,9 +43,10 @@ private MjData) turns it into joint targets, warm-started from the previous comm
 ``recap_ros.control.limits.Limiter`` with limits below the station's: joints at VELOCITY_MARGIN * MAX_VELOCITY
 and MAX_ACCELERATION, grippers at GRIPPER_SPEED and GRIPPER_ACCELERATION, so the mux never has to limit them.
 An arm whose IK cannot follow its reference (STUCK_TICKS) or that is turned away or rolled over (WRAP_LIMIT)
-first returns to the home pose in joint space. The reference and the limiter re-anchor, at rest, on
-the measured state at the first act() after reset(), after ticks without act() (the physics time jumped: a
-policy drove in between) and whenever the robot is pushed RESYNC_DIST away from it.
+first returns to the home pose in joint space. The reference and the limiter re-anchor, at rest, on the
+measured state at the first act() after reset() and after ticks without act() (the physics time jumped: a
+policy drove in between); the reference alone re-anchors on the measured tip when the robot is pushed
+RESYNC_DIST away from it and after homing, the commands stay continuous.
 """
 from __future__ import annotations
 
@@ -107,6 +108,8 @@ ALIGN_TOL = 0.006                           # m: tip off the socket axis allowed
 ALIGN_ANGLE_TOL = 0.08                      # rad: peg axis off the socket axis allowed while pushing in
 INSIDE_TOL = 0.008                          # m: largest offset of a peg tip inside the socket's opening
 SERVO_NEAR = 0.03                           # m: peg and socket servo at INSERT_SPEED this close to their goals
+CLEAR_WAIT_X = 0.05                         # m: a cube lying at smaller x ...
+CLEAR_WAIT_OFFSET = np.array([-0.1, 0.0, 0.08])  # ... and the left arm waits this much farther back and higher
 MEET_JITTER = 0.02                          # m, per-seed offset of the meeting points (demo diversity)
 
 TASKS = ("transfer_cube", "insertion")
@@ -243,7 +246,7 @@ class AlohaExpert:
         self._time = d.time
         for s in SIDES:
             if not self._homing[s] and np.linalg.norm(self._ref[s][0] - tips[s][0]) > RESYNC_DIST:
-                self._resync(s, q_meas[s], tips[s], grip_meas[s])
+                self._ref[s] = tips[s]
         contacts = self._contacts(d)
         obs = dict(d=d, tips=tips, grip=grip_meas, contacts=contacts)
         plan = self._plan_transfer(obs) if self.task == "transfer_cube" else self._plan_insertion(obs)
@@ -253,8 +256,7 @@ class AlohaExpert:
             if not self._homing[s] and (self._stuck[s] > STUCK_TICKS or self._wrapped(q_meas[s])):
                 self._homing[s] = True
             if self._homing[s] and np.max(np.abs(q_meas[s] - HOME)) < HOME_TOL:
-                self._homing[s], self._stuck[s] = False, 0
-                self._resync(s, q_meas[s], tips[s], grip_meas[s])
+                self._homing[s], self._stuck[s], self._ref[s] = False, 0, tips[s]
             if self._held[s] and grip_meas[s] - self._limit[s].position[6] < SQUEEZE:
                 arm_target = self._limit[s].position[:6]     # squeeze what it holds before moving it
             else:
@@ -264,16 +266,13 @@ class AlohaExpert:
 
     # ------------------------------------------------------------ measuring
     def _anchor(self, q_meas, tips, grip_meas) -> None:
+        """Start again from the measured state: references on the measured tips, commands at rest there."""
         self._closing, self._held = {s: False for s in SIDES}, {s: False for s in SIDES}
         self._homing, self._stuck = {s: False for s in SIDES}, {s: 0 for s in SIDES}
         for s in SIDES:
-            self._resync(s, q_meas[s], tips[s], grip_meas[s])
-
-    def _resync(self, side: str, q: np.ndarray, tip, grip: float) -> None:
-        """Reference and command start again, at rest, from the measured state."""
-        self._ref[side] = tip
-        self._limit[side] = Limiter(self._limits[side])
-        self._limit[side].reset(np.append(q, grip))
+            self._ref[s] = tips[s]
+            self._limit[s] = Limiter(self._limits[s])
+            self._limit[s].reset(np.append(q_meas[s], grip_meas[s]))
 
     def _contacts(self, d) -> set[tuple[int, int]]:
         return {tuple(sorted((int(c.geom1), int(c.geom2)))) for c in d.contact[:d.ncon]}
@@ -383,8 +382,11 @@ class AlohaExpert:
             return plan
         plan["right"] = self._grasp(obs, "right", *self._cube_grasp(obs))
         g, R_l = self._receive_pose(self._meet)
+        wait = g - STANDOFF * R_l[:, 0]
+        if p_box[0] < CLEAR_WAIT_X:           # the right arm reaches under the hand-over point: wait out of its way
+            wait = wait + CLEAR_WAIT_OFFSET
         self._closing["left"] = False
-        plan["left"] = (g - STANDOFF * R_l[:, 0], R_l, LINEAR_SPEED, 1.0)
+        plan["left"] = (wait, R_l, LINEAR_SPEED, 1.0)
         return plan
 
     # ------------------------------------------------------------ insertion
