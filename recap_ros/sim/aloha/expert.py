@@ -3,10 +3,13 @@
 API (ROS-free; the station's node and its scripted corrector call it at the control rate, DT = 0.02 s):
 
     expert = AlohaExpert()
-    expert.reset(physics, task, seed)      # task: "transfer_cube" | "insertion"; seed: this episode's seed
-    action = expert.act(physics)           # np.ndarray (14,): the next joint-position command
+    expert.reset(physics, task, seed)      # at each episode start: task "transfer_cube" | "insertion"
+    action = expert.act(physics)           # np.ndarray (14,): the next joint-position command, once per tick
 
-`physics` is gym-aloha's dm_control Physics (`env.unwrapped._env.physics`); only `physics.model.ptr` and
+`seed` (the episode's seed) only moves the meeting point in the air by up to MEET_JITTER, so that demonstrations
+vary; nothing else in the expert is random.
+
+`physics` is gym-aloha's dm_control Physics (`env.unwrapped._env.physics`, or `AlohaSim.physics`); only `physics.model.ptr` and
 `physics.data.ptr` (the raw MuJoCo model and data) are read, never written. The action follows gym-aloha's
 joint-position convention: [left waist, shoulder, elbow, forearm_roll, wrist_angle, wrist_rotate, left gripper,
 the same seven for the right arm], joints in rad, grippers normalised 0 (closed) .. 1 (open).
@@ -102,6 +105,7 @@ REACH_IK_ITERS = 40
 REACH_TOL = 0.005                           # m (and 0.05 rad) IK error of a reachable pose
 TRANSFER_MEET = np.array([0.0, 0.5, 0.22])  # cube centre during the hand-over (jittered per seed)
 SOCKET_MEET = np.array([-0.08, 0.5, 0.2])   # socket centre in the air (jittered per seed)
+PEG_WAIT_GAP = 0.08                         # m: peg tip before the socket's mouth while the socket is on its way
 INSERT_GAP = 0.02                           # m: peg tip before the mouth while aligning
 INSERT_DEPTH = PIN_DEPTH + 0.01             # m: peg tip past the mouth aimed at (beyond the pin's end)
 ALIGN_TOL = 0.006                           # m: tip off the socket axis allowed while pushing in (8 mm clearance)
@@ -451,10 +455,10 @@ class AlohaExpert:
         mouth = p_sock + SOCKET_HALF_LEN * u
         a_peg = R_peg[:, 0] * (1.0 if np.dot(R_peg[:, 0], mouth - p_peg) >= 0 else -1.0)  # toward the tip
         tip = p_peg + PEG_HALF_LEN * a_peg
-        socket_ready = left_holds and np.linalg.norm(p_sock - self._meet) < 0.03
+        socket_ready = left_holds and np.linalg.norm(p_sock - self._meet) < SERVO_NEAR
         if not socket_ready:      # wait with the peg beside the socket's meeting pose
             u_wait = np.array([1.0, 0.0, 0.0])
-            peg_goal = self._meet + (SOCKET_HALF_LEN + 0.08 + PEG_HALF_LEN) * u_wait
+            peg_goal = self._meet + (SOCKET_HALF_LEN + PEG_WAIT_GAP + PEG_HALF_LEN) * u_wait
             R_goal = rotate(R_peg, align(a_peg, -u_wait))
             p, R = self._carry(obs, "right", "peg", peg_goal, R_goal)
             plan["right"] = (p, R, LINEAR_SPEED, 0.0)
