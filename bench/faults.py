@@ -20,13 +20,16 @@ states and the episode events, and injects, one row at a time, each in a fresh e
   robot to the next episode's start pose, then mode policy.
 
 Columns: **max step** = the largest per-joint change of the robot's setpoint over the row, as a fraction of
-the velocity limit x one control period (<= 1 required): each command is compared with the previous one,
-or with the measured position when the robot was moved (a joint state farther than the tracking tolerance
-from the previous command); **hold** = seconds from the fault to the first hold command ("-":
-no hold); **recover** = seconds from the fault to the first command from an input after that
-hold; **missed** = robot command slots (control periods) without any command during the row (the stream
-must stay steady); **bag** = whether the bags of the row's episodes read without repair (the export's
-reader), checked after the station has stopped.
+the velocity limit x one control period (<= 1 required): each command is compared with where the robot may be
+when it arrives, the previous setpoint or a joint state within 60 ms of it (a hold at the measured position is
+no step), and the smaller counts; the previous setpoint does not count when the robot was moved away from it
+(a joint state farther than the tracking tolerance that arrived at least 5 ms before the command), so commanding
+a moved robot back would show; **hold** =
+seconds from the fault to the first hold command ("-": no hold); **recover** = seconds from the fault to the
+first command from an input after that hold; **missed** = robot command slots (control periods) without any
+command during the row (while an input is silent but not yet timed out, 0.2 s, the mux sends nothing new);
+**bag** = how many bags of the row's episodes read: rosbags reads every message without repair / the export's
+reader accepts them, checked after the station has stopped.
 """
 from __future__ import annotations
 
@@ -51,6 +54,8 @@ from recap_ros.runner import Station as Runner
 from recap_ros.station import load_station
 
 BAD_KINDS = ("NaN", "wrong length", "wrong joint names", "out of limits", "1 rad step")
+JS_WINDOW_S = 0.06  # joint states this close to a command count as where the robot may be when it arrives
+ORDER_S = 0.005  # a joint state that reached this process this much before a command reached the mux before it
 
 
 @dataclass
@@ -211,17 +216,20 @@ def analyse(row: Row, probe: Probe, st) -> dict:
     with probe.lock:
         cmds = [c for c in probe.cmds if row.t0 - 1.0 <= c[0] <= row.t1]
         js = [j for j in probe.js if row.t0 - 1.5 <= j[0] <= row.t1]
-    worst, ji, prev = 0.0, 0, None
+    js_t = np.asarray([t for t, _ in js])
+    worst, prev, prev_t = 0.0, None, -np.inf
     for t, q, _ in cmds:
-        moved = None
-        while ji < len(js) and js[ji][0] <= t:
-            if prev is not None and np.any(np.abs(js[ji][1] - prev) > tol):
-                moved = js[ji][1]  # the robot was moved: it starts from there
-            ji += 1
-        ref = moved if moved is not None else prev
-        if ref is not None and t >= row.t0 and q.shape == ref.shape:
-            worst = max(worst, float(np.max(np.abs(q - ref) / limit)))
-        prev = q
+        if prev is not None and t >= row.t0:
+            # where the robot may be: the previous setpoint, or a joint state around this command (the mux may
+            # have seen it a little before or after this process did); the previous setpoint does not count
+            # when the robot was moved away from it (a joint state farther than the tracking tolerance)
+            near = [js[i][1] for i in np.flatnonzero((js_t >= t - JS_WINDOW_S) & (js_t <= t + JS_WINDOW_S))]
+            around = [js[i][1] for i in np.flatnonzero((js_t >= prev_t - JS_WINDOW_S) & (js_t <= t - ORDER_S))]
+            moved = any(np.any(np.abs(j - prev) > tol) for j in around)
+            refs = near + ([] if moved else [prev])
+            if refs:
+                worst = max(worst, min(float(np.max(np.abs(q - r) / limit)) for r in refs))
+        prev, prev_t = q, t
     after = [(t, src) for t, _, src in cmds if t >= row.t0]
     hold = next((t for t, src in after if src == "hold"), None)
     recover = None
@@ -237,16 +245,26 @@ def analyse(row: Row, probe: Probe, st) -> dict:
 
 
 def bag_readable(paths: list[Path], st) -> str:
+    """How many of the bags open and read to the end without repair (rosbags), and how many the export reads."""
+    from rosbags.rosbag2 import Reader
+
     from recap_ros.export.bagread import ExportError, read_episode_bag
 
-    ok, why = 0, ""
+    opened = exported = 0
     for p in paths:
         try:
+            with Reader(p) as r:
+                for _ in r.messages():
+                    pass
+            opened += 1
+        except Exception:  # noqa: BLE001 - any failure means "not readable"
+            continue
+        try:
             read_episode_bag(p, st)
-            ok += 1
-        except ExportError as e:
-            why = str(e).split(":")[-1].strip()[:40]
-    return f"yes ({ok}/{len(paths)})" if ok == len(paths) else f"NO ({ok}/{len(paths)}; {why})"
+            exported += 1
+        except ExportError:
+            pass
+    return f"{opened}/{len(paths)}, export {exported}"
 
 
 def created(bag: Path) -> float:
@@ -372,8 +390,9 @@ def main(argv=None) -> int:
     finally:
         b.stop()
     print()
-    print(f"faults on the live '{st.name}' station; max step = largest setpoint change / (max_velocity x "
-          f"{st.robot.period_s * 1e3:.0f} ms); times from the fault (s)")
+    print(f"faults on the live '{st.name}' station; max step = largest setpoint change (from the "
+          f"previous setpoint or the measured position) / (max_velocity x {st.robot.period_s * 1e3:.0f} ms); times "
+          f"from the fault (s); bag: readable / total, read by the export")
     head = f"| {'fault':48s} | max step | hold   | recover | missed | bag {'':12s} |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")

@@ -320,7 +320,7 @@ def test_robot_moved_while_held_reanchors_at_its_measured_position(st):
     moved[1] = 1.0  # shoulder moved by hand / an episode reset: 1.0 rad > 2 rad/s * 0.15 s = 0.3 rad
     now = clock(DT)
     m.on_joint_state(moved, now)
-    t = m.tick(now, grid=True)
+    t = m.tick(now)  # at once, on the joint state's event: not the next grid tick
     np.testing.assert_array_equal(t.positions, moved)  # never a command back toward the old position
     assert m.stats.reanchors == 1
     assert any("re-anchored" in e and "left_shoulder 0.0000 vs measured 1.0000 (tolerance 0.300)" in e
@@ -329,6 +329,7 @@ def test_robot_moved_while_held_reanchors_at_its_measured_position(st):
     small[1] = 1.2  # within tolerance of the hold: the hold stays at 1.0
     now = clock(DT)
     m.on_joint_state(small, now)
+    assert m.tick(now).positions is None  # within the tolerance: no event output; the grid holds 1.0
     assert m.tick(now, grid=True).positions[1] == pytest.approx(1.0) and m.stats.reanchors == 1
 
 

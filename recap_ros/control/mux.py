@@ -46,7 +46,8 @@ What is sent, and when (event-driven, as twist_mux)
 * an accepted command of the active input is limited and output at once, by the event that brought it
   (each command exactly once; a switch to an input outputs that input's newest command at once);
 * while holding, the grid outputs the hold position every tick (the ros2_control convention of a steady
-  command stream), and the event that starts a hold outputs it at once;
+  command stream), and the event that starts a hold outputs it at once, as does a joint state that shows the
+  robot farther than the tracking tolerance from the held position (re-anchored there);
 * the grid also enforces the timeouts and heartbeats (a source that went silent holds at the next tick).
 
 The output follows the measured position (``/joint_states``) for as long as the mux runs: every change of
@@ -324,17 +325,18 @@ class TeleopMux:
             self._event(f"holding: {self.tracking_error}")
         began = source != self.source
         st = None if source == HOLD else self.inputs[source]
-        if not (began or (grid if st is None else not st.sent)):
-            return Tick(None, self.source, self.intervention, self.reason, self.converging, False)
         known = now - self.measured_s <= self.mux.joint_state_timeout_s
-        if known:
-            far = self._far(self.out.position)
-            if far:
-                self.stats.reanchors += 1
-                self._event(f"output re-anchored at the measured position: {far}")
-                began = True
-            if began:  # a resume, a hand-over or a hold starts where the robot is, at rest
-                self.out.reset(self.measured)
+        far = self._far(self.out.position) if known else ""
+        # publish: an unsent command of the active input; a hold on the grid, when it begins, and at once when
+        # the robot turns out to be elsewhere (a joint state far from the held position)
+        if not (began or (grid or far if st is None else not st.sent)):
+            return Tick(None, self.source, self.intervention, self.reason, self.converging, False)
+        if far:
+            self.stats.reanchors += 1
+            self._event(f"output re-anchored at the measured position: {far}")
+            began = True
+        if known and began:  # a resume, a hand-over or a hold starts where the robot is, at rest
+            self.out.reset(self.measured)
         if st is None:
             if began:
                 self.hold_target = self.out.position.copy()
