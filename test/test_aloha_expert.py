@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("mujoco")
 pytest.importorskip("gym_aloha")
+pytest.importorskip("dm_control")
 
 import mujoco  # noqa: E402
 
