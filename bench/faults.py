@@ -22,9 +22,11 @@ states and the episode events, and injects, one row at a time, each in a fresh e
 Columns: **max step** = the largest per-joint change of the robot's setpoint over the row, as a fraction of
 the velocity limit x one control period (<= 1 required): each command is compared with where the robot may be
 when it arrives, the previous setpoint or a joint state within 60 ms of it (a hold at the measured position is
-no step), and the smaller counts; the previous setpoint does not count when the robot was moved away from it
-(a joint state farther than the tracking tolerance that arrived at least 5 ms before the command), so commanding
-a moved robot back would show; **hold** =
+no step; with none that close, the next one within 0.5 s: this process discovers a respawned sim_robot's
+publisher up to 0.2 s later than the mux, which resumes from the new robot's pose), and the smaller counts;
+the previous setpoint does not count when the robot was moved away from it (a joint state farther than the
+tracking tolerance that arrived at least one control period before the command), so commanding a moved robot
+back would show; **hold** =
 seconds from the fault to the first hold command ("-": no hold); **recover** = seconds from the fault to the
 first command from an input after that hold; **missed** = robot command slots (control periods) without any
 command during the row (while an input is silent but not yet timed out, 0.2 s, the mux sends nothing new);
@@ -55,7 +57,9 @@ from recap_ros.station import load_station
 
 BAD_KINDS = ("NaN", "wrong length", "wrong joint names", "out of limits", "1 rad step")
 JS_WINDOW_S = 0.06  # joint states this close to a command count as where the robot may be when it arrives
-ORDER_S = 0.005  # a joint state that reached this process this much before a command reached the mux before it
+LATE_JS_S = 0.5  # with no joint state that close, the next one within this long
+ORDER_S = 0.02  # a joint state that reached this process a control period before a command had reached the mux
+#                before it computed that command (delivery to two subscribers differs by ms on a loaded machine)
 
 
 @dataclass
@@ -224,6 +228,9 @@ def analyse(row: Row, probe: Probe, st) -> dict:
             # have seen it a little before or after this process did); the previous setpoint does not count
             # when the robot was moved away from it (a joint state farther than the tracking tolerance)
             near = [js[i][1] for i in np.flatnonzero((js_t >= t - JS_WINDOW_S) & (js_t <= t + JS_WINDOW_S))]
+            if not near:  # this process discovers a respawned robot's publisher later than the mux: its first
+                later = np.flatnonzero((js_t > t) & (js_t <= t + LATE_JS_S))  # joint state, until the robot moves
+                near = [js[later[0]][1]] if later.size else []
             around = [js[i][1] for i in np.flatnonzero((js_t >= prev_t - JS_WINDOW_S) & (js_t <= t - ORDER_S))]
             moved = any(np.any(np.abs(j - prev) > tol) for j in around)
             refs = near + ([] if moved else [prev])
@@ -387,6 +394,12 @@ def main(argv=None) -> int:
         b.probe.reset_episode()  # the last row's episode ends: its bag is finalised
         time.sleep(1.0)
         results = [analyse(r, b.probe, st) for r in rows]
+        with b.probe.lock:  # the raw record, for a closer look
+            np.savez_compressed(out / "record.npz", cmd_t=[c[0] for c in b.probe.cmds],
+                                cmd_q=np.stack([c[1] for c in b.probe.cmds if c[1].shape == (len(st.robot.joints),)]),
+                                cmd_src=[c[2] for c in b.probe.cmds], js_t=[j[0] for j in b.probe.js],
+                                js_q=np.stack([j[1] for j in b.probe.js]), rows=[r.fault for r in rows],
+                                t0=[r.t0 for r in rows], t1=[r.t1 for r in rows])
     finally:
         b.stop()
     print()
