@@ -22,8 +22,8 @@ states and the episode events, and injects, one row at a time, each in a fresh e
 Columns: **max step** = the largest per-joint change of the robot's setpoint over the row, as a fraction of
 the velocity limit x one control period (<= 1 required): each command is compared with where the robot may be
 when it arrives, the previous setpoint or a joint state within 60 ms of it (a hold at the measured position is
-no step; with none that close, the next one within 0.5 s: this process discovers a respawned sim_robot's
-publisher up to 0.2 s later than the mux, which resumes from the new robot's pose), and the smaller counts;
+no step; with none that close, the next one within 2 s: this process discovered a respawned sim_robot's
+publisher up to 0.9 s later than the mux, which resumes from the new robot's pose), and the smaller counts;
 the previous setpoint does not count when the robot was moved away from it (a joint state farther than the
 tracking tolerance that arrived at least one control period before the command), so commanding a moved robot
 back would show; **hold** =
@@ -57,7 +57,7 @@ from recap_ros.station import load_station
 
 BAD_KINDS = ("NaN", "wrong length", "wrong joint names", "out of limits", "1 rad step")
 JS_WINDOW_S = 0.06  # joint states this close to a command count as where the robot may be when it arrives
-LATE_JS_S = 0.5  # with no joint state that close, the next one within this long
+LATE_JS_S = 2.0  # with no joint state that close, the next one within this long
 ORDER_S = 0.02  # a joint state that reached this process a control period before a command had reached the mux
 #                before it computed that command (delivery to two subscribers differs by ms on a loaded machine)
 
@@ -219,7 +219,7 @@ def analyse(row: Row, probe: Probe, st) -> dict:
     tol = np.asarray(st.robot.max_velocity) * st.mux.tracking_tolerance_s
     with probe.lock:
         cmds = [c for c in probe.cmds if row.t0 - 1.0 <= c[0] <= row.t1]
-        js = [j for j in probe.js if row.t0 - 1.5 <= j[0] <= row.t1]
+        js = [j for j in probe.js if row.t0 - 1.5 <= j[0] <= row.t1 + LATE_JS_S]
     js_t = np.asarray([t for t, _ in js])
     worst, prev, prev_t = 0.0, None, -np.inf
     for t, q, _ in cmds:
