@@ -401,3 +401,18 @@ def test_a_message_is_taken_at_the_older_of_its_stamp_and_its_receive_time():
     # on the monotonic clock: received at 10.0 s, stamped 0.25 s before its ROS receive time -> 9.75 s
     assert taken_s(1_000_000_000, 1_250_000_000, 10.0) == pytest.approx(9.75)
     assert taken_s(2_000_000_000, 1_250_000_000, 10.0) == 10.0
+
+
+def test_a_hold_re_anchors_on_a_stale_joint_state_that_shows_the_robot_elsewhere(st):
+    m, clock = ready_mux(st), Clock()
+    m.on_mode("hold")
+    run(m, clock, 2)
+    now = clock(DT)
+    moved = np.zeros(14)
+    moved[8] = -0.55  # a restarted driver reports the arm elsewhere, stamped 1 s ago: stale, but the newest word
+    m.on_joint_state(moved, now - 1.0)
+    t = m.tick(now)
+    assert t.source == HOLD and m.stats.reanchors == 1
+    np.testing.assert_array_equal(t.positions, moved)
+    t = m.tick(now + 0.02, grid=True)
+    np.testing.assert_array_equal(t.positions, moved)  # the grid holds there

@@ -54,8 +54,9 @@ The output follows the measured position (``/joint_states``) for as long as the 
 source (a resume, a hand-over, the start of a hold) starts from the measured position at rest, and a hold
 holds the measured position taken when it began. When the output is farther than the tracking tolerance from
 the measured position (the robot was moved by hand, reset, lost power under an e-stop, its driver restarted),
-it is re-anchored there first (counted, logged): the robot never receives a command that is not a limited
-step from where it is. Every output passes the station's one limiter (:mod:`recap_ros.control.limits`:
+it is re-anchored there first (counted, logged; a hold re-anchors on a stale joint state as well: a robot
+driver that restarted elsewhere may report old stamps, and its newest report is still the best word on where
+it is): the robot never receives a command that is not a limited step from where it is. Every output passes the station's one limiter (:mod:`recap_ros.control.limits`:
 position, velocity and acceleration limits; the velocity limit counts the time since the previous output, at
 most one control period), so a source within the limits is forwarded bit for bit and nothing jumps.
 
@@ -326,7 +327,8 @@ class TeleopMux:
         began = source != self.source
         st = None if source == HOLD else self.inputs[source]
         known = now - self.measured_s <= self.mux.joint_state_timeout_s
-        far = self._far(self.out.position) if known else ""
+        # even a stale joint state is the newest word on where the robot is: a hold far from it re-anchors
+        far = self._far(self.out.position) if known or st is None else ""
         # publish: an unsent command of the active input; a hold on the grid, when it begins, and at once when
         # the robot turns out to be elsewhere (a joint state far from the held position)
         if not (began or (grid or far if st is None else not st.sent)):
@@ -335,7 +337,7 @@ class TeleopMux:
             self.stats.reanchors += 1
             self._event(f"output re-anchored at the measured position: {far}")
             began = True
-        if known and began:  # a resume, a hand-over or a hold starts where the robot is, at rest
+        if (known or far) and began:  # a resume, a hand-over or a hold starts where the robot is, at rest
             self.out.reset(self.measured)
         if st is None:
             if began:
