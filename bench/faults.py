@@ -22,8 +22,10 @@ states and the episode events, and injects, one row at a time, each in a fresh e
 Columns: **max step** = the largest per-joint change of the robot's setpoint over the row, as a fraction of
 the velocity limit x one control period (<= 1 required): each command is compared with where the robot may be
 when it arrives, the previous setpoint or a joint state within 60 ms of it (a hold at the measured position is
-no step; with none that close, the next one within 2 s: this process discovered a respawned sim_robot's
-publisher up to 0.9 s later than the mux, which resumes from the new robot's pose), and the smaller counts;
+no step; with none that close, the next one within 2 s: this process and the mux discover a respawned
+sim_robot at different times), and the smaller counts; commands between a sim_robot respawn and its first
+episode start do not count (it acts on none of them: it ignores commands stamped before the running episode's
+start, and until DDS discovery matched them it does not even receive the mux's);
 the previous setpoint does not count when the robot was moved away from it (a joint state farther than the
 tracking tolerance that arrived at least one control period before the command), so commanding a moved robot
 back would show; **hold** =
@@ -70,6 +72,7 @@ class Row:
     start_wall: float = 0.0
     bags: list[Path] = field(default_factory=list)
     note: str = ""
+    robot_respawned: float = 0.0  # when sim_robot was started again (0: not in this row)
 
 
 class Probe:
@@ -219,6 +222,9 @@ def analyse(row: Row, probe: Probe, st) -> dict:
     tol = np.asarray(st.robot.max_velocity) * st.mux.tracking_tolerance_s
     with probe.lock:
         cmds = [c for c in probe.cmds if row.t0 - 1.0 <= c[0] <= row.t1]
+        if row.robot_respawned:  # a respawned sim_robot acts on no command before its first episode starts
+            first = min((t for t in probe.starts if t > row.robot_respawned), default=row.t1)
+            cmds = [c for c in cmds if not row.robot_respawned <= c[0] < first]
         js = [j for j in probe.js if row.t0 - 1.5 <= j[0] <= row.t1 + LATE_JS_S]
     js_t = np.asarray([t for t, _ in js])
     worst, prev, prev_t = 0.0, None, -np.inf
@@ -329,10 +335,12 @@ def main(argv=None) -> int:
         wait(lambda: b.probe.cmds and b.probe.js, 120, "the station up")
         b.probe.policy_driving(0.0, timeout=120)
 
-        def kill(name: str):
+        def kill(name: str, row: Row):
             def inject():
                 os.kill(b.pid(name), signal.SIGKILL)
                 b.respawn(name)
+                if name == "sim_robot":
+                    row.robot_respawned = time.monotonic()
             return inject
 
         def until_recovered(timeout: float):
@@ -350,7 +358,7 @@ def main(argv=None) -> int:
 
         for name in ("policy_server", "sim_robot", "episode_recorder", "scripted_corrector", "cfg_guidance"):
             row = Row(f"SIGKILL {name}" + (" (robot + sim cameras)" if name == "sim_robot" else ""))
-            run_row(b, row, kill(name), a.window, until_recovered(90.0))
+            run_row(b, row, kill(name, row), a.window, until_recovered(90.0))
             rows.append(row)
 
         row = Row("SIGKILL policy_server tick process")
@@ -398,7 +406,8 @@ def main(argv=None) -> int:
             np.savez_compressed(out / "record.npz", cmd_t=[c[0] for c in b.probe.cmds],
                                 cmd_q=np.stack([c[1] for c in b.probe.cmds if c[1].shape == (len(st.robot.joints),)]),
                                 cmd_src=[c[2] for c in b.probe.cmds], js_t=[j[0] for j in b.probe.js],
-                                js_q=np.stack([j[1] for j in b.probe.js]), rows=[r.fault for r in rows],
+                                js_q=np.stack([j[1] for j in b.probe.js]), starts=b.probe.starts,
+                                respawned=[r.robot_respawned for r in rows], rows=[r.fault for r in rows],
                                 t0=[r.t0 for r in rows], t1=[r.t1 for r in rows])
     finally:
         b.stop()
