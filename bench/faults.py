@@ -222,13 +222,15 @@ def analyse(row: Row, probe: Probe, st) -> dict:
     tol = np.asarray(st.robot.max_velocity) * st.mux.tracking_tolerance_s
     with probe.lock:
         cmds = [c for c in probe.cmds if row.t0 - 1.0 <= c[0] <= row.t1]
+        ignored = (row.robot_respawned, row.robot_respawned)  # commands the robot does not act on
         if row.robot_respawned:  # a respawned sim_robot acts on no command before its first episode starts
-            first = min((t for t in probe.starts if t > row.robot_respawned), default=row.t1)
-            cmds = [c for c in cmds if not row.robot_respawned <= c[0] < first]
+            ignored = (row.robot_respawned, min((t for t in probe.starts if t > row.robot_respawned), default=row.t1))
         js = [j for j in probe.js if row.t0 - 1.5 <= j[0] <= row.t1 + LATE_JS_S]
     js_t = np.asarray([t for t, _ in js])
     worst, prev, prev_t = 0.0, None, -np.inf
     for t, q, _ in cmds:
+        if ignored[0] <= t < ignored[1]:
+            continue
         if prev is not None and t >= row.t0:
             # where the robot may be: the previous setpoint, or a joint state around this command (the mux may
             # have seen it a little before or after this process did); the previous setpoint does not count
