@@ -23,9 +23,10 @@ Columns: **max step** = the largest per-joint change of the robot's setpoint ove
 the velocity limit x one control period (<= 1 required): each command is compared with where the robot may be
 when it arrives, the previous setpoint or a joint state within 60 ms of it (a hold at the measured position is
 no step; with none that close, the next one within 2 s: this process and the mux discover a respawned
-sim_robot at different times), and the smaller counts; commands between a sim_robot respawn and its first
-episode start do not count (it acts on none of them: it ignores commands stamped before the running episode's
-start, and until DDS discovery matched them it does not even receive the mux's);
+sim_robot at different times), and the smaller counts; after a sim_robot respawn, commands until the first
+one near the new robot's pose after its first episode start do not count (it ignores commands stamped before
+that start, and until DDS discovery has matched it with the mux it receives none: its joint states show it
+still at its start pose meanwhile);
 the previous setpoint does not count when the robot was moved away from it (a joint state farther than the
 tracking tolerance that arrived at least one control period before the command), so commanding a moved robot
 back would show; **hold** =
@@ -223,8 +224,16 @@ def analyse(row: Row, probe: Probe, st) -> dict:
     with probe.lock:
         cmds = [c for c in probe.cmds if row.t0 - 1.0 <= c[0] <= row.t1]
         ignored = (row.robot_respawned, row.robot_respawned)  # commands the robot does not act on
-        if row.robot_respawned:  # a respawned sim_robot acts on no command before its first episode starts
-            ignored = (row.robot_respawned, min((t for t in probe.starts if t > row.robot_respawned), default=row.t1))
+        if row.robot_respawned:
+            # until the mux has matched the respawned sim_robot (DDS discovery) the robot receives none of its
+            # commands, and it acts on none stamped before its first episode start: from the respawn to the
+            # first command near one of the new robot's joint states, after that start
+            first = min((t for t in probe.starts if t > row.robot_respawned), default=row.t1)
+            new_js = [(tj, q) for tj, q in probe.js if tj >= first]  # surely the new robot's
+            tol = np.asarray(st.robot.max_velocity) * st.mux.tracking_tolerance_s
+            matched = next((t for t, q, _ in cmds if t >= first and q.shape == tol.shape and any(
+                abs(tj - t) <= JS_WINDOW_S and np.all(np.abs(q - j) <= tol) for tj, j in new_js)), row.t1)
+            ignored = (row.robot_respawned, matched)
         js = [j for j in probe.js if row.t0 - 1.5 <= j[0] <= row.t1 + LATE_JS_S]
     js_t = np.asarray([t for t, _ in js])
     worst, prev, prev_t = 0.0, None, -np.inf
