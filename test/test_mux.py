@@ -70,6 +70,14 @@ def run(m, clock, n, feeds=(), robot=True):
     return out
 
 
+def held(st):
+    """A mux in an explicit hold for two periods: it, the clock and the time of the next period."""
+    m, clock = ready_mux(st), Clock()
+    m.on_mode("hold")
+    run(m, clock, 2)
+    return m, clock, clock(DT)
+
+
 def both_live(m, clock, feeds):
     """Start both inputs publishing under an explicit hold (which is never preempted), then select policy:
     a teleop that is already publishing does not preempt."""
@@ -313,12 +321,9 @@ def test_hold_holds_the_measured_position_taken_when_the_hold_began(st):
 
 
 def test_robot_moved_while_held_reanchors_at_its_measured_position(st):
-    m, clock = ready_mux(st), Clock()
-    m.on_mode("hold")
-    run(m, clock, 2)
+    m, clock, now = held(st)
     moved = np.zeros(14)
     moved[1] = 1.0  # shoulder moved by hand / an episode reset: 1.0 rad > 2 rad/s * 0.15 s = 0.3 rad
-    now = clock(DT)
     m.on_joint_state(moved, now)
     t = m.tick(now)  # at once, on the joint state's event: not the next grid tick
     np.testing.assert_array_equal(t.positions, moved)  # never a command back toward the old position
@@ -334,10 +339,7 @@ def test_robot_moved_while_held_reanchors_at_its_measured_position(st):
 
 
 def test_resume_starts_from_the_measured_position_at_rest(st):
-    m, clock = ready_mux(st), Clock()
-    m.on_mode("hold")
-    run(m, clock, 2)
-    now = clock(DT)
+    m, clock, now = held(st)
     q = np.zeros(14)
     q[0] = 0.2  # pushed 0.2 rad while held (inside the 0.3 rad tolerance)
     m.on_joint_state(q, now)
@@ -404,10 +406,7 @@ def test_a_message_is_taken_at_the_older_of_its_stamp_and_its_receive_time():
 
 
 def test_a_hold_re_anchors_on_a_stale_joint_state_that_shows_the_robot_elsewhere(st):
-    m, clock = ready_mux(st), Clock()
-    m.on_mode("hold")
-    run(m, clock, 2)
-    now = clock(DT)
+    m, clock, now = held(st)
     moved = np.zeros(14)
     moved[8] = -0.55  # a restarted driver reports the arm elsewhere, stamped 1 s ago: stale, but the newest word
     m.on_joint_state(moved, now - 1.0)
