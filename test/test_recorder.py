@@ -102,7 +102,7 @@ def test_round_trip_bytes_custom_data_and_format(tmp_path):
     assert conns[JS].digest.startswith("RIHS01_")
 
 
-def test_state_topics_facts_and_intervention_edges(tmp_path):
+def test_state_topics_and_facts(tmp_path):
     with make(tmp_path) as r:
         r.submit(INTERV, cdr("std_msgs/msg/Bool", data=True))  # a rising edge before the episode: not counted
         r.submit(INTERV, cdr("std_msgs/msg/Bool", data=False))
@@ -112,7 +112,8 @@ def test_state_topics_facts_and_intervention_edges(tmp_path):
         r.submit(BETA, cdr("std_msgs/msg/Float64", data=1.5))
         r.stop()
     msgs, custom, _ = read(bag)
-    assert custom["recap.interventions"] == "2" and custom["recap.beta"] == "1.5"
+    # the flag is recorded but counts nothing: segments are runs of human-sourced robot commands (none here)
+    assert custom["recap.interventions"] == "0" and custom["recap.beta"] == "1.5"
     assert custom["recap.prompt"] == "from the event"
     interv = [m for m in msgs if m[0] == INTERV]
     assert len(interv) == 1 + 6  # the state at start, written at the episode's start time, then every change
@@ -128,16 +129,20 @@ def command(seq: int, source: str) -> bytes:
 
 def test_human_segment_active_at_start_and_human_ticks_are_counted(tmp_path):
     with make(tmp_path) as r:
-        r.submit(INTERV, cdr("std_msgs/msg/Bool", data=True))  # the corrector already drives when it starts
+        r.submit(ST.robot.command_topic, command(0, "corrector"), 900)  # before the episode: not counted
         bag = r.start()
-        sources = ["corrector"] * 4 + ["hold"] * 2 + ["policy"] * 3 + ["teleop"] * 5  # 9 human-driven commands
+        # the corrector already drives as the episode starts (segment 1), then the hold and the policy, then the
+        # teleoperator (segment 2) and the corrector right after it (the same segment: a human drives throughout),
+        # then the policy and the teleoperator again (segment 3): 4 + 5 + 2 + 1 = 12 human-driven commands
+        sources = (["corrector"] * 4 + ["hold"] * 2 + ["policy"] * 3 + ["teleop"] * 5 + ["corrector"] * 2
+                   + ["policy"] + ["teleop"])
         for i, src in enumerate(sources):
-            r.submit(ST.robot.command_topic, command(i, src), 1000 + i)
-        r.submit(INTERV, cdr("std_msgs/msg/Bool", data=False))
-        r.submit(INTERV, cdr("std_msgs/msg/Bool", data=True))  # a second segment
+            r.submit(ST.robot.command_topic, command(i + 1, src), 1000 + i)
+            if src == "hold":  # the flag toggles as well: it counts nothing
+                r.submit(INTERV, cdr("std_msgs/msg/Bool", data=i % 2 == 0))
         r.stop()
     _, custom, _ = read(bag)
-    assert custom["recap.interventions"] == "2" and custom["recap.intervention_ticks"] == "9"
+    assert custom["recap.interventions"] == "3" and custom["recap.intervention_ticks"] == "12"
 
 
 def test_a_state_message_older_than_the_last_one_is_never_written(tmp_path):

@@ -171,7 +171,7 @@ def test_round_trip_services_and_labels(feeder, recorder, tmp_path):
         assert not again.success and "already recording" in again.message
         feeder.start_streams()
         time.sleep(1.0)
-        feeder.set_intervention(True)   # two rising edges
+        feeder.set_intervention(True)   # recorded changes
         feeder.set_intervention(False)
         time.sleep(0.5)
         feeder.set_intervention(True)
@@ -211,7 +211,8 @@ def test_round_trip_services_and_labels(feeder, recorder, tmp_path):
     assert "sensor_msgs/CompressedImage" in msgdefs[CAMS[0]] or "uint8[] data" in msgdefs[CAMS[0]]
     assert custom["recap.station"] == "sim" and custom["recap.episode"] == "0"
     assert custom["recap.prompt"] == "touch the red marker with the left gripper"
-    assert custom["recap.beta"] == "2.0" and custom["recap.interventions"] == "2"
+    # the intervention flag counts nothing: the feeder's commands carry sequence numbers, no human source
+    assert custom["recap.beta"] == "2.0" and custom["recap.interventions"] == "0"
     assert custom["recap.outcome"] == "failure" and custom["recap.model"] == "test_bundle"
     assert custom["recap.operator"] == "pytest" and custom["recap.dropped"] == "0"
     assert int(custom["recap.start_ns"]) < int(custom["recap.end_ns"])

@@ -111,8 +111,14 @@ class EpisodeRecorderNode(Node):
             return bundle
 
     def _log(self, level: str, text: str) -> None:
+        # one call site per severity: rclpy's logger refuses a call site whose severity changes between calls
         logger = self.get_logger()
-        {"info": logger.info, "warn": logger.warning, "error": logger.error}.get(level, logger.info)(text)
+        if level == "error":
+            logger.error(text)
+        elif level == "warn":
+            logger.warning(text)
+        else:
+            logger.info(text)
 
     # ------------------------------------------------------------------------------------------ topics
     def _discover(self) -> None:

@@ -9,10 +9,11 @@ free disk space, and runs start / stop / label requests in order with the messag
 ``stop`` is in the bag, one received after ``start`` is too).
 
 Episode facts (custom_data, docs/ARCHITECTURE.md): the prompt and β are the latest values on their topics
-(or the sim's start event); ``recap.interventions`` counts human-driven segments: rising edges (false -> true)
-of the intervention flag during the episode, plus one when a human already drives as the episode starts;
-``recap.intervention_ticks`` counts robot commands whose source (a JointState command's header.frame_id, set
-by the mux) is a human input. State-like topics (latched, prompt, β, intervention) are cached while idle and
+(or the sim's start event). Both intervention facts come from the robot commands themselves, whose source a
+JointState command's header.frame_id names (set by the mux): ``recap.intervention_ticks`` counts the commands
+from a human input, ``recap.interventions`` the runs of them (human-driven segments; one that is active as the
+episode starts counts). The mux's intervention flag is recorded but counts nothing: a hold shorter than a
+control period toggles it without the robot ever receiving a non-human command. State-like topics (latched, prompt, β, intervention) are cached while idle and
 written at the start of every episode (at the episode's start time), so each bag carries the state it began
 in. A state message carries its publication stamp (DDS source timestamp) when the caller has it: one that is
 not newer than the last one taken on its topic (a latched value delivered again, e.g. to a re-created
@@ -120,6 +121,7 @@ class _Episode:
     bag: BagWriter
     dropped: dict[str, int] = field(default_factory=dict)
     prompt_fixed: bool = False  # the prompt came with the start request/event: the prompt topic cannot change it
+    human_driving: bool = False  # the last robot command came from a human input
 
 
 class EpisodeRecorder:
@@ -149,7 +151,6 @@ class EpisodeRecorder:
         self.stale_state = 0  # state messages dropped as not newer than one already taken
         self._prompt = ""
         self._beta = ""
-        self._intervening = False
         self._last_disk_check = 0.0
         self.last_error = ""
         self.bytes_total = 0
@@ -356,8 +357,15 @@ class EpisodeRecorder:
         ep = self._episode
         if topic == c.command_topic and ep is not None and c.human_inputs:
             source = self._decode(topic, t.msgtype, data, "header", None) if "JointState" in t.msgtype else None
-            if source is not None and source.frame_id in c.human_inputs:
-                ep.facts = replace(ep.facts, intervention_ticks=ep.facts.intervention_ticks + 1)
+            if source is not None:
+                human = source.frame_id in c.human_inputs
+                if human:
+                    segments = ep.facts.interventions + (not ep.human_driving)
+                    ep.facts = replace(ep.facts, intervention_ticks=ep.facts.intervention_ticks + 1,
+                                       interventions=segments)
+                    if not ep.human_driving:
+                        ep.bag.set_custom_data({K_INTERVENTIONS: str(segments)})
+                ep.human_driving = human
         if self._cached(topic, t):
             self._cache[topic] = (data, recv_ns)
             if topic == c.prompt_topic:
@@ -366,14 +374,6 @@ class EpisodeRecorder:
                 beta = self._decode(topic, "std_msgs/msg/Float64", data, "data", None)
                 if beta is not None:
                     self._set_fact(K_BETA, repr(float(beta)))
-            elif topic == c.intervention_topic:
-                on = bool(self._decode(topic, "std_msgs/msg/Bool", data, "data", self._intervening))
-                rising = on and not self._intervening
-                self._intervening = on
-                ep = self._episode
-                if rising and ep is not None:
-                    ep.facts = replace(ep.facts, interventions=ep.facts.interventions + 1)
-                    ep.bag.set_custom_data({K_INTERVENTIONS: str(ep.facts.interventions)})
         self._write(topic, data, recv_ns)
 
     def _write(self, topic: str, data: bytes, recv_ns: int) -> None:
@@ -490,9 +490,6 @@ class EpisodeRecorder:
             self._episode = _Episode(facts, bag, prompt_fixed=prompt is not None)
         for topic, (data, recv_ns) in list(self._cache.items()):  # the state the episode starts in
             self._write(topic, data, max(recv_ns, start_ns))
-        if self._intervening:  # a human drives as the episode starts: that segment counts
-            self._episode.facts = replace(self._episode.facts, interventions=1)
-            bag.set_custom_data({K_INTERVENTIONS: "1"})
         self._log("info", f"episode {episode} recording into {bag.path}")
         return bag.path
 
