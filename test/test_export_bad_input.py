@@ -60,6 +60,18 @@ def test_bad_bags_get_clear_messages_and_good_bags_still_export(bad_folder):
     assert RecapDataset(bad_folder / "ds").num_episodes == 1
 
 
+def test_a_malformed_policy_command_is_skipped_not_the_episode(tmp_path, station):
+    """A policy command lacking a joint (the mux refused it; the robot never got it) is skipped with a note; the
+    episode exports with every frame."""
+    bags = tmp_path / "bags"
+    write_episode_bag(bags, station, _spec(0, malformed_policy_ticks=(10, 11)))
+    code, res, _ = _run([str(bags), "--out", str(tmp_path / "ds")])
+    assert code == 0 and res["ep0000"].status == "exported"
+    assert "2 malformed /policy/command message(s) skipped" in res["ep0000"].message
+    ds = RecapDataset(tmp_path / "ds")
+    assert ds.num_episodes == 1 and len(ds.episode(0)["action"]) == 30  # 0.6 s at 50 Hz
+
+
 def test_repair_and_assume_outcome_recover_bags(bad_folder):
     _run([str(bad_folder / "bags"), "--out", str(bad_folder / "ds")])
     code, res, text = _run([str(bad_folder / "bags"), "--out", str(bad_folder / "ds"), "--repair",

@@ -166,6 +166,7 @@ def _read(reader: Reader, path: Path, station: Station) -> EpisodeBag:
     series: dict[str, tuple[list, list]] = {t: ([], []) for t in wanted - set(cam_topics)}
     events, prompts = [], []
     sources: list[str] = []  # header.frame_id of each robot command: the mux input it came from
+    bad_inputs: list[str] = []  # malformed policy-input messages (skipped)
     for conn, t_recv, raw in reader.messages(connections=conns):
         topic, mt = conn.topic, conn.msgtype
         if topic in cam_topics:
@@ -191,7 +192,11 @@ def _read(reader: Reader, path: Path, station: Station) -> EpisodeBag:
             try:
                 vals.append(_positions(msg, mt, names, f"{topic} at {t_recv} ns"))
             except ValueError as e:
-                raise ExportError(path, CORRUPT, str(e)) from None
+                if topic != policy_topic:  # what the robot did or was sent: the episode cannot be trusted
+                    raise ExportError(path, CORRUPT, str(e)) from None
+                # a malformed policy command is one the mux refused: it never reached the robot
+                bad_inputs.append(str(e))
+                continue
             st.append(_stamp(msg) if hasattr(msg, "header") else t_recv)
             if topic == station.robot.command_topic:
                 sources.append(msg.header.frame_id if hasattr(msg, "header") else "")
@@ -216,6 +221,9 @@ def _read(reader: Reader, path: Path, station: Station) -> EpisodeBag:
         if s is None:
             raise ExportError(path, MISSING_TOPIC, f"topic {t} has no messages")
     notes = []
+    if bad_inputs:
+        notes.append(f"{len(bad_inputs)} malformed {policy_topic} message(s) skipped (the mux refuses them; "
+                     f"first: {bad_inputs[0]})")
     intervention = stream(station.mux.intervention_topic, bool)
     if intervention is None:
         notes.append(f"no {station.mux.intervention_topic} messages: no intervention assumed")

@@ -50,6 +50,8 @@ class SynthEpisode:
     end_event: bool = True
     image_size: tuple[int, int] | None = None  # (h, w); None: the camera's output size
     textured: bool = False                 # textured images (realistic encode/decode cost), not flat colour
+    malformed_policy_ticks: tuple[int, ...] = ()  # ticks whose policy command lacks its last joint (the mux
+    #                                                refuses such a message: it never reaches the robot)
 
 
 def _header(T, stamp_ns: int, frame_id: str = ""):
@@ -117,9 +119,10 @@ def write_episode_bag(out_dir: str | Path, station: Station, spec: SynthEpisode,
             T["sensor_msgs/msg/JointState"](header=_header(T, cstamp), name=list(names),
                                             position=joint_value(j, t) + COMMAND_OFFSET,
                                             velocity=np.zeros(0), effort=np.zeros(0)))
+        keep = len(names) - (k in spec.malformed_policy_ticks)
         put(policy_topic, cstamp - 500_000,
-            T["sensor_msgs/msg/JointState"](header=_header(T, cstamp - 1_000_000), name=list(names),
-                                            position=joint_value(j, t) + POLICY_OFFSET,
+            T["sensor_msgs/msg/JointState"](header=_header(T, cstamp - 1_000_000), name=list(names)[:keep],
+                                            position=(joint_value(j, t) + POLICY_OFFSET)[:keep],
                                             velocity=np.zeros(0), effort=np.zeros(0)))
     # latched mux state: initial value, then on every change
     changes = sorted({0.0, *[a for a, _ in spec.interventions], *[b for _, b in spec.interventions]})
