@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from policy_server_timing import period_figures  # noqa: E402
+from procs import stop_group  # noqa: E402
 
 from recap_ros.station import load_station  # noqa: E402
 
@@ -234,12 +234,7 @@ def main(argv=None) -> int:
             d1 = probe.diag[-1] if probe.diag else None
         load1 = os.getloadavg()
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
         log.close()
         probe.close()
     if d0 is None or d1 is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from recap_ros.imaging import encode_jpeg  # noqa: E402
 from recap_ros.station import load_station  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import stop_group  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -123,11 +125,7 @@ def main() -> None:
         cpu1, wall1 = cpu_seconds(proc.pid), time.monotonic()
         stop_msg = call("stop")
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, 15)
         ex.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()

@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +40,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sim_policy_eval import HELD_OUT_SEED, wilson  # noqa: E402
+from procs import stop_group  # noqa: E402
 
 from recap_ros.station import load_station  # noqa: E402
 
@@ -186,12 +185,7 @@ def run_live(station_yaml: Path, seeds: list[int], expert: bool, log_path: Path,
                 print(f"[live] {len(probe.ends)}/{len(seeds)} episodes, "
                       f"{sum(e['success'] for e in probe.ends)} successes", flush=True)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
         log.close()
         probe.close()
     wall = time.monotonic() - t0
