@@ -44,7 +44,7 @@ from procs import stop_group  # noqa: E402
 
 from recap_ros.station import load_station  # noqa: E402
 
-TAKEOVER_RE = re.compile(r"taking over on \S+: ([^:(]+)")
+TAKEOVER_RE = re.compile(r"taking over on \S+: ([^:(\n]+)")
 # ACT (Zhao et al. 2023), Table 1: success with 50 scripted / 50 human demonstrations
 ACT_SUCCESS = {"transfer_cube": (0.90, 0.50), "insertion": (0.50, 0.20)}
 
