@@ -30,7 +30,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     d = 1 + z * z / n
     c = (p + z * z / (2 * n)) / d
     h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return c - h, c + h
+    return max(0.0, c - h), min(1.0, c + h)  # exact 0 and 1 at k = 0 and k = n (not -0.00 from rounding)
 
 
 def evaluate(bundle: str, episodes: int, first_seed: int = HELD_OUT_SEED, backend: str = "auto",
