@@ -41,7 +41,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from policy_server_timing import period_figures  # noqa: E402
-from procs import stop_group  # noqa: E402
+from procs import private_domain, stop_group  # noqa: E402
 
 from recap_ros.station import load_station  # noqa: E402
 
@@ -195,6 +195,7 @@ def main(argv=None) -> int:
     ap.add_argument("--expert", action="store_true", help="the scripted expert drives; no policy server")
     ap.add_argument("--renders", type=int, default=30, help="renders per camera for the standalone cost")
     a = ap.parse_args(argv)
+    print(f"[bench] ROS_DOMAIN_ID={private_domain()}", flush=True)
     out = Path(tempfile.mkdtemp(prefix="aloha-cost-"))
     data = load_station(a.station).raw
     data["recorder"]["output_dir"] = str(out / "bags")

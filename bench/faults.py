@@ -54,9 +54,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from recap_ros import launch_graph
-from recap_ros.runner import Station as Runner
-from recap_ros.station import load_station
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import private_domain  # noqa: E402
+
+from recap_ros import launch_graph  # noqa: E402
+from recap_ros.runner import Station as Runner  # noqa: E402
+from recap_ros.station import load_station  # noqa: E402
 
 BAD_KINDS = ("NaN", "wrong length", "wrong joint names", "out of limits", "1 rad step")
 JS_WINDOW_S = 0.06  # joint states this close to a command count as where the robot may be when it arrives
@@ -328,6 +331,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="bags and logs (default: a temp dir)")
     ap.add_argument("--window", type=float, default=2.0, help="seconds observed after a fault")
     a = ap.parse_args(argv)
+    print(f"[bench] ROS_DOMAIN_ID={private_domain()}", flush=True)
     out = Path(a.out or tempfile.mkdtemp(prefix="faults-"))
     out.mkdir(parents=True, exist_ok=True)
     data = copy.deepcopy(load_station(a.station).raw)

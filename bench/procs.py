@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 
@@ -15,3 +16,11 @@ def stop_group(proc: subprocess.Popen, timeout_s: float = 20.0) -> int:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         return proc.wait()
+
+
+def private_domain() -> str:
+    """Give this bench's station a ROS domain of its own (inherited by the nodes it starts), unless the caller
+    chose one: two live stations on one machine in the same domain would cross topics (same names). Returns it."""
+    if not os.environ.get("ROS_DOMAIN_ID"):
+        os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(1, 100))
+    return os.environ["ROS_DOMAIN_ID"]

@@ -40,7 +40,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sim_policy_eval import HELD_OUT_SEED, wilson  # noqa: E402
-from procs import stop_group  # noqa: E402
+from procs import private_domain, stop_group  # noqa: E402
 
 from recap_ros.station import load_station  # noqa: E402
 
@@ -211,6 +211,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-offline", action="store_true", help="skip the offline roll-out on the same seeds")
     ap.add_argument("--out", default=None, help="where bags and the station log go (default: a temp dir)")
     a = ap.parse_args(argv)
+    print(f"[bench] ROS_DOMAIN_ID={private_domain()}", flush=True)
     out = Path(a.out or tempfile.mkdtemp(prefix="station-eval-"))
     out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(a.first_seed, a.first_seed + a.episodes))

@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import private_domain  # noqa: E402
 from sim_policy_eval import HELD_OUT_SEED, wilson  # noqa: E402
 from recap_ros.station import load_station  # noqa: E402
 from station_eval import TAKEOVER_RE, run_live, station_file  # noqa: E402
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--reuse", action="store_true", help="keep every step whose output exists under --out")
     a = ap.parse_args(argv)
+    print(f"[bench] ROS_DOMAIN_ID={private_domain()}", flush=True)
     out = Path(a.out or tempfile.mkdtemp(prefix="station-recap-"))
     out.mkdir(parents=True, exist_ok=True)
     cmds: list[str] = []
