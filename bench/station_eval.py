@@ -190,8 +190,14 @@ def run_live(station_yaml: Path, seeds: list[int], expert: bool, log_path: Path,
         probe.close()
     wall = time.monotonic() - t0
     takeovers = Counter(m.group(1).strip() for m in TAKEOVER_RE.finditer(log_path.read_text()))
-    return {"ends": probe.ends[:len(seeds)], "latency_ms": probe.latency_ms, "delays": probe.delays,
-            "server": probe.server, "mux": probe.mux, "takeovers": takeovers, "wall_s": wall, "station": st}
+    ends = probe.ends[:len(seeds)]
+    k = sum(e["success"] for e in ends)
+    station_s = sum(e["steps"] for e in ends) * st.robot.period_s + len(ends) * st.sim.reset_pause_s
+    return {"ends": ends, "n": len(ends), "k": k, "station_s": station_s,
+            "per_hour": k / station_s * 3600 if station_s else 0.0,
+            "reasons": Counter(e["reason"] for e in ends if not e["success"]), "latency_ms": probe.latency_ms,
+            "delays": probe.delays, "server": probe.server, "mux": probe.mux, "takeovers": takeovers, "wall_s": wall,
+            "station": st}
 
 
 def summarise(name: str, successes: int, n: int, reasons: dict, per_hour: float) -> str:
@@ -220,12 +226,8 @@ def main(argv=None) -> int:
     print(f"[live] station {st.name}, bundle {st.policy.bundle if not a.expert else '(scripted expert)'}, "
           f"{a.episodes} seeds from {a.first_seed}, corrector {'on' if a.corrector else 'off'}; output {out}")
     live = run_live(yml, seeds, a.expert, out / "station.log", timeout_s=a.episodes * 20 + 120)
-    ends = live["ends"]
-    n, k = len(ends), sum(e["success"] for e in ends)
-    dt, pause = st.robot.period_s, st.sim.reset_pause_s
-    station_time = sum(e["steps"] for e in ends) * dt + n * pause
-    reasons = Counter(e["reason"] for e in ends if not e["success"])
-    live_per_hour = k / station_time * 3600 if station_time else 0.0
+    ends, n, k, reasons = live["ends"], live["n"], live["k"], live["reasons"]
+    station_time, live_per_hour = live["station_s"], live["per_hour"]
     print(summarise("live   ", k, n, reasons, live_per_hour) + f" ({station_time:.0f} s of station time, "
           f"{live['wall_s']:.0f} s wall)")
     if live["takeovers"] or a.corrector:

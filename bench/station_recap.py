@@ -67,15 +67,10 @@ def live(out: Path, name: str, station: str, bundle: str | None, seeds: list[int
     yml = station_file(station, d, bundle, corrector)
     t0 = time.monotonic()
     res = run_live(yml, seeds, expert, d / "station.log", timeout_s=len(seeds) * 20 + 120)
-    ends = res["ends"]
-    st = res["station"]
-    k = sum(e["success"] for e in ends)
-    station_s = sum(e["steps"] for e in ends) * st.robot.period_s + len(ends) * st.sim.reset_pause_s
-    out_res = {"n": len(ends), "k": k, "per_hour": k / station_s * 3600 if station_s else 0.0,
-               "reasons": Counter(e["reason"] for e in ends if not e["success"]), "takeovers": res["takeovers"],
-               "bundle": bundle, "seeds": seeds}
+    out_res = {key: res[key] for key in ("n", "k", "per_hour", "reasons", "takeovers")}
+    out_res.update(bundle=bundle, seeds=seeds)
     summary.write_text(json.dumps(out_res, indent=1))
-    print(f"[{name}] {k}/{len(ends)} successes, takeovers {sum(res['takeovers'].values())}, "
+    print(f"[{name}] {res['k']}/{res['n']} successes, takeovers {sum(res['takeovers'].values())}, "
           f"{time.monotonic() - t0:.0f} s", flush=True)
     return out_res
 
