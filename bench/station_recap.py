@@ -68,7 +68,11 @@ def live(out: Path, name: str, station: str, bundle: str | None, seeds: list[int
     t0 = time.monotonic()
     res = run_live(yml, seeds, expert, d / "station.log", timeout_s=len(seeds) * 20 + 120)
     out_res = {key: res[key] for key in ("n", "k", "per_hour", "reasons", "takeovers")}
-    out_res.update(bundle=bundle, seeds=seeds)
+    per_task = Counter(), Counter()
+    for e in res["ends"]:
+        per_task[0][e.get("task", "")] += 1
+        per_task[1][e.get("task", "")] += int(e["success"])
+    out_res.update(bundle=bundle, seeds=seeds, tasks={t: [per_task[1][t], n] for t, n in per_task[0].items()})
     summary.write_text(json.dumps(out_res, indent=1))
     print(f"[{name}] {res['k']}/{res['n']} successes, takeovers {sum(res['takeovers'].values())}, "
           f"{time.monotonic() - t0:.0f} s", flush=True)
@@ -86,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--value-steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--export-arg", action="append", default=[],
+                    help="extra recap-export argument, repeatable (e.g. --export-arg=--camera-tol-s=0.5)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--reuse", action="store_true", help="keep every step whose output exists under --out")
     a = ap.parse_args(argv)
@@ -112,7 +118,7 @@ def main(argv=None) -> int:
     data, value, labels = out / "dataset", out / "value", out / "labels.parquet"
     bags = [str(out / "collect" / "bags")] + ([str(out / "demos" / "bags")] if a.demos else [])
     threads = ["--threads", str(a.threads)]
-    step(["recap-export", *bags, "--out", str(data), "--station", a.station, "--quiet"], data)
+    step(["recap-export", *bags, "--out", str(data), "--station", a.station, "--quiet", *a.export_arg], data)
     step(["recap-train-value", str(data), "--out", str(value), "--steps", str(a.value_steps), *threads], value)
     step(["recap-label", str(data), "--value", str(value), "--out", str(labels), *threads], labels)
     common = [str(data), "--init", bundle, "--steps", str(a.steps), "--lr", str(a.lr), *threads]
@@ -136,6 +142,17 @@ def main(argv=None) -> int:
     for name, r in rows:
         lo, hi = wilson(r["k"], r["n"])
         print(f"| {name} | {r['k']}/{r['n']} | {lo:.2f}-{hi:.2f} | {dict(r['reasons'])} | {r['per_hour']:.0f} |")
+    tasks = sorted({t for _, r in rows for t in r.get("tasks", {}) if t})
+    if len(tasks) > 1:
+        print("\n| run | " + " | ".join(f"{t} (95% CI)" for t in tasks) + " |")
+        print("|---|" + "---|" * len(tasks))
+        for name, r in rows:
+            cells = []
+            for t in tasks:
+                k, n = r.get("tasks", {}).get(t, (0, 0))
+                lo, hi = wilson(k, n)
+                cells.append(f"{k}/{n} ({lo:.2f}-{hi:.2f})")
+            print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 
 
