@@ -140,7 +140,7 @@ def test_expert_episodes_live(rclpy_context, spin, tmp_path):
 
     from recap_ros import rosmsg
     from recap_ros.export.cli import main as export_main
-    from recap_ros.export.dataset import RecapDataset
+    from recap_ros.dataset.reader import RecapDataset
 
     rec = MessageLog()
     node = Node("test_aloha_expert_probe")

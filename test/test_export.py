@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from recap_ros.export import cli
-from recap_ros.export.dataset import RecapDataset
+from recap_ros.dataset.reader import RecapDataset
 from recap_ros.export.synth import (
     COMMAND_OFFSET,
     POLICY_OFFSET,

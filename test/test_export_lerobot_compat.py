@@ -1,11 +1,11 @@
-"""The exported dataset loads with LeRobot's own LeRobotDataset and matches recap_ros.export.dataset frame by
+"""The exported dataset loads with LeRobot's own LeRobotDataset and matches recap_ros.dataset.reader frame by
 frame. Skipped where lerobot is not installed (it is not a dependency of recap_ros: it pins torch and pulls
 torchvision/torchcodec)."""
 import numpy as np
 import pytest
 
 from recap_ros.export import cli
-from recap_ros.export.dataset import RecapDataset
+from recap_ros.dataset.reader import RecapDataset
 from recap_ros.export.synth import SynthEpisode, write_episode_bag
 from recap_ros.station import load_station
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from recap_ros.export import cli as export_cli
-from recap_ros.export.dataset import RecapDataset
+from recap_ros.dataset.reader import RecapDataset
 from recap_ros.export.synth import SynthEpisode, write_episode_bag
 from recap_ros.recap import advantage, cli
 from recap_ros.recap.data import concat, episode_frames, load_frames_npz, save_frames

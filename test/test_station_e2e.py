@@ -87,7 +87,7 @@ def test_sim_station_runs_and_stops(rclpy_context, spin, station_file, tmp_path)
 
     # the recorded episodes -> LeRobot dataset with RECAP labels
     from recap_ros.export.cli import main as export_main
-    from recap_ros.export.dataset import RecapDataset
+    from recap_ros.dataset.reader import RecapDataset
     from recap_ros.recap.returns import episode_labels
 
     out = tmp_path / "dataset"

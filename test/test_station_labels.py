@@ -122,7 +122,7 @@ def test_exported_intervention_flag_is_the_source_of_every_command(rclpy_context
     from rclpy.node import Node
 
     from recap_ros.export.cli import main as export_main
-    from recap_ros.export.dataset import RecapDataset
+    from recap_ros.dataset.reader import RecapDataset
 
     st = load_station(str(station_file))
     log = open(tmp_path / "station.log", "w")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from recap_ros.dataset.writer import DatasetError, VideoOptions
 from recap_ros.export.align import Tolerances, camera_tolerance_s
 from recap_ros.export.bagread import UNFINISHED
 from recap_ros.export.exporter import (
@@ -27,7 +28,6 @@ from recap_ros.export.exporter import (
     open_writer,
     task_normalisation,
 )
-from recap_ros.export.lerobot import DatasetError, VideoOptions
 from recap_ros.recap.returns import NUM_BINS
 from recap_ros.recording import bag as rbag
 from recap_ros.station import StationConfigError, load_station

@@ -13,9 +13,9 @@ from typing import Iterator
 import numpy as np
 
 from recap_ros import imaging
+from recap_ros.dataset.writer import EpisodeData, LeRobotWriter, VideoOptions, vector_feature, video_feature
 from recap_ros.export.align import NS, Aligned, Tolerances, align_episode, segments
 from recap_ros.export.bagread import GAPS, UNLABELLED, EpisodeBag, ExportError, read_episode_bag
-from recap_ros.export.lerobot import EpisodeData, LeRobotWriter, VideoOptions, vector_feature, video_feature
 from recap_ros.recap import returns
 from recap_ros.recording import bag as rbag
 from recap_ros.station import Station

@@ -1,7 +1,7 @@
 """Training inputs and label files for the RECAP CLIs (ROS-free).
 
 Training data is either an exported LeRobot dataset (``recap-export``; read with
-:class:`recap_ros.export.dataset.RecapDataset`) or a frames cache (.npz) written by ``recap-sim-demos`` /
+:class:`recap_ros.dataset.reader.RecapDataset`) or a frames cache (.npz) written by ``recap-sim-demos`` /
 the sim iteration bench. Each episode's maximum length M and C_fail come from where its returns were made: the
 dataset's ``meta/episodes`` (``recap/max_len``, ``recap/c_fail``, written by the export) or the cache's
 per-frame columns; they are never inferred or given again. Labels (``recap-label``) are a parquet table keyed
@@ -56,7 +56,7 @@ def load_frames(source: str | Path, image_size: int, chunk_len: int = 50, stride
         return f
     from tqdm import tqdm
 
-    from recap_ros.export.dataset import RecapDataset
+    from recap_ros.dataset.reader import RecapDataset
 
     ds = RecapDataset(source, image_size=(image_size, image_size))
     norm = [_normalisation(ds, ep) for ep in range(ds.num_episodes)]

@@ -1,14 +1,6 @@
 """Write a LeRobot v3.0 dataset with pyarrow (parquet) and PyAV (mp4), appending to an existing one.
 
-Layout (as lerobot.datasets writes it, codebase_version "v3.0"):
-
-    meta/info.json                                   fps, features, counts, path templates, splits
-    meta/stats.json                                  per feature min/max/mean/std/count/q01..q99
-    meta/tasks.parquet                               task (pandas index) -> task_index
-    meta/episodes/chunk-CCC/file-FFF.parquet         one row per episode: length, tasks, data/video file and
-                                                     frame/timestamp ranges, stats/<feature>/<stat>, recap/*
-    data/chunk-CCC/file-FFF.parquet                  one row per frame (every non-video feature)
-    videos/<image key>/chunk-CCC/file-FFF.mp4        each episode's frames back to back, pts = frame / fps
+The layout (as lerobot.datasets writes it, codebase_version "v3.0") is in :mod:`recap_ros.dataset.layout`.
 
 Like lerobot's own writer resuming a dataset, every export run starts new data / video / episodes files after
 the last ones, and rolls over to a further file when one exceeds its size limit. New files are written into a
@@ -30,24 +22,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-CODEBASE_VERSION = "v3.0"
-CHUNKS_SIZE = 1000
+from recap_ros.dataset.layout import (CHUNKS_SIZE, CODEBASE_VERSION, DATA_PATH, DEFAULT_FEATURES, EPISODES_DIR,
+                                      EPISODES_PATH, INFO_PATH, STATS_PATH, TASKS_PATH, VIDEO_PATH, read_episodes,
+                                      read_tasks)
+
 DATA_FILE_MB = 100
 VIDEO_FILE_MB = 200
-INFO_PATH, STATS_PATH, TASKS_PATH = "meta/info.json", "meta/stats.json", "meta/tasks.parquet"
-EPISODES_DIR = "meta/episodes"
-CHUNK_FILE = "chunk-{chunk_index:03d}/file-{file_index:03d}"
-DATA_PATH = "data/" + CHUNK_FILE + ".parquet"
-VIDEO_PATH = "videos/{video_key}/" + CHUNK_FILE + ".mp4"
-EPISODES_PATH = EPISODES_DIR + "/" + CHUNK_FILE + ".parquet"
 QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
-DEFAULT_FEATURES = {
-    "timestamp": {"dtype": "float32", "shape": [1], "names": None},
-    "frame_index": {"dtype": "int64", "shape": [1], "names": None},
-    "episode_index": {"dtype": "int64", "shape": [1], "names": None},
-    "index": {"dtype": "int64", "shape": [1], "names": None},
-    "task_index": {"dtype": "int64", "shape": [1], "names": None},
-}
 _STAGING = ".recap-export-staging"
 _ARROW = {"float32": pa.float32(), "float64": pa.float64(), "int64": pa.int64(), "bool": pa.bool_()}
 
@@ -171,25 +152,6 @@ def tasks_table(tasks: list[str]) -> pa.Table:
                      "metadata": None}],
         "creator": {"library": "pyarrow", "version": pa.__version__}, "pandas_version": "2.2.3"}
     return table.replace_schema_metadata({b"pandas": json.dumps(pandas_meta).encode()})
-
-
-def read_tasks(root: Path) -> list[str]:
-    path = root / TASKS_PATH
-    if not path.is_file():
-        return []
-    t = pq.read_table(path)
-    order = np.argsort(t.column("task_index").to_numpy())
-    return [t.column("task").to_pylist()[i] for i in order]
-
-
-def read_episodes(root: Path, columns: list[str] | None = None) -> pa.Table | None:
-    """Every meta/episodes file concatenated in episode order (None for a new dataset)."""
-    files = sorted((root / EPISODES_DIR).glob("chunk-*/file-*.parquet"))
-    if not files:
-        return None
-    tables = [pq.read_table(f, columns=columns) for f in files]
-    t = pa.concat_tables(tables, promote_options="default")
-    return t.take(np.argsort(t.column("episode_index").to_numpy()))
 
 
 def video_info(path: Path) -> dict:

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recap_ros.export.lerobot import CODEBASE_VERSION, INFO_PATH, STATS_PATH, read_episodes, read_tasks
+from recap_ros.dataset.layout import CODEBASE_VERSION, INFO_PATH, STATS_PATH, read_episodes, read_tasks
 
 
 class DatasetReadError(RuntimeError):
