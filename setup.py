@@ -60,6 +60,7 @@ setup(
         "onnxruntime>=1.18",
         "safetensors>=0.4",
         "tqdm>=4.66",
+        "tensorboard>=2.16",      # recap-train-*: metrics as TensorBoard event files (SummaryWriter needs it)
         "matplotlib>=3.8",
         "pyarrow>=15",
         "av>=12",                 # PyAV: H.264 video of the LeRobot export
