@@ -73,7 +73,8 @@ setup(
     extras_require={
         # A machine without a ROS 2 install: the Kilted wheels from PyPI. A ROS machine keeps its own rclpy.
         "standalone": ROS_WHEELS,
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-rerunfailures>=14"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-rerunfailures>=14",
+                 "transformers>=5,<6"],  # reference implementation of the Gemma 3 / SigLIP parity tests
         "gpu": ["tensorrt>=10"],
         # The MuJoCo ALOHA station (aloha_sim): gym-aloha's scenes and tasks (its internals are used: pinned).
         # Headless rendering needs EGL from the system (README, "MuJoCo ALOHA station").
