@@ -4,7 +4,9 @@ runner (plain processes). ROS-free.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from recap_ros import paths
@@ -44,8 +46,33 @@ def _ns(station: Station) -> str:
     return ("/" + ns.lstrip("/")) if ns else ""
 
 
-def node_specs(station: Station, overrides: dict[str, dict[str, Any]] | None = None) -> list[NodeSpec]:
-    """The node set for a station. ``overrides`` maps node name -> extra parameters (e.g. a β for tests)."""
+DEFAULT_BAG_ROOT = "~/recap_bags"  # + /<station>: where ``ros2 launch`` records when the station names no place
+
+
+def bag_dir(station: Station, given: str = "", relative_to: str | os.PathLike | None = None) -> Path:
+    """The absolute directory the station's episode bags go to (``~`` expanded):
+
+    - ``given`` (launch argument ``bag_dir``, ``recap-station --bag-dir``) when set, relative to the current
+      directory;
+    - else the station's ``recorder.output_dir`` when it is absolute or starts with ``~``;
+    - else a relative ``output_dir`` (the sim stations' ``bags``) under ``relative_to`` (``recap-station``: the
+      current directory, which ``./dev`` makes the repository), or ``~/recap_bags/<station>`` when
+      ``relative_to`` is None (``ros2 launch``: the directory launch was started from is no stated place).
+    """
+    if given:
+        return Path(given).expanduser().absolute()
+    out = Path(station.recorder.output_dir).expanduser()
+    if out.is_absolute():
+        return out
+    if relative_to is None:
+        return Path(DEFAULT_BAG_ROOT).expanduser() / station.name
+    return (Path(relative_to) / out).absolute()
+
+
+def node_specs(station: Station, overrides: dict[str, dict[str, Any]] | None = None,
+               bags: Path | None = None) -> list[NodeSpec]:
+    """The node set for a station. ``overrides`` maps node name -> extra parameters (e.g. a β for tests);
+    ``bags`` (see :func:`bag_dir`) is the recorder's ``output_dir`` unless an override sets it."""
     base = {"station": station.file}
     ns = _ns(station)
     specs: list[NodeSpec] = []
@@ -63,7 +90,8 @@ def node_specs(station: Station, overrides: dict[str, dict[str, Any]] | None = N
         NodeSpec("policy_server", "policy_server", ns, dict(base)),
         NodeSpec("cfg_guidance", "cfg_guidance", ns, dict(base)),
         NodeSpec("teleop_mux", "teleop_mux", ns, dict(base)),
-        NodeSpec("episode_recorder", "episode_recorder", ns, dict(base)),
+        NodeSpec("episode_recorder", "episode_recorder", ns,
+                 {**base, "output_dir": str(bags)} if bags is not None else dict(base)),
     ]
     if overrides:
         unknown = set(overrides) - {s.name for s in specs}
@@ -76,6 +104,14 @@ def node_specs(station: Station, overrides: dict[str, dict[str, Any]] | None = N
 
 def specs_for(station_name_or_path: str) -> list[NodeSpec]:
     return node_specs(load_station(station_name_or_path))
+
+
+def launch_plan(station_name_or_path: str, given_bag_dir: str = "") -> tuple[Station, Path, list[NodeSpec]]:
+    """What ``station.launch.py`` starts: the station, where it records (:func:`bag_dir` with launch's default
+    place) and its nodes."""
+    station = load_station(station_name_or_path)
+    bags = bag_dir(station, given_bag_dir)
+    return station, bags, node_specs(station, bags=bags)
 
 
 def environment_changes(environ) -> dict[str, str | None]:

@@ -7,6 +7,10 @@ process group, and nodes that do not exit within the grace period are killed wit
 gets SIGTERM from the kernel when the runner dies, even by SIGKILL (``PR_SET_PDEATHSIG``), so none is left
 behind. If any node dies on its own the whole station is stopped; the runner exits non-zero when a node died
 or did not exit with code 0 when stopped, naming it.
+
+What it prints besides the nodes' logs: where the episode bags go (:func:`recap_ros.launch_graph.bag_dir`), one
+line per finished episode (number, outcome, duration, human-driven ticks, prompt, bag) and, at exit, a summary
+of the session (:mod:`recap_ros.recording.episodes`).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import yaml
 
 from recap_ros import launch_graph, paths
 from recap_ros.nodes import StopRequest
+from recap_ros.recording.episodes import EpisodeWatcher, episode_line, session_summary
 from recap_ros.station import StationConfigError, load_station
 
 
@@ -121,20 +126,34 @@ class Station:
         return {name: p.returncode for name, p in self.procs.items()}
 
 
+EPISODE_POLL_S = 0.5  # how often the runner looks for finished episode bags
+
+
+def _report_episodes(watcher: EpisodeWatcher, bags: Path) -> None:
+    for rec in watcher.poll():
+        _say(f"[recap-station] {episode_line(rec, bags)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="recap-station", description=__doc__.split("\n\n")[0])
     ap.add_argument("station", nargs="?", default="sim",
                     help=f"station name ({', '.join(paths.available_stations())}) or path to a station YAML")
     ap.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE",
                     help="override a node parameter, e.g. --set cfg_guidance.beta=2.0")
+    ap.add_argument("--bag-dir", default="", metavar="DIR",
+                    help="where episode bags go (default: the station's recorder.output_dir, relative to the "
+                         "current directory)")
     ap.add_argument("--only", action="append", default=[], metavar="NODE", help="start only these nodes")
     ap.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: until Ctrl-C)")
     ap.add_argument("--grace", type=float, default=5.0, help="seconds a node gets to exit after SIGINT")
     ap.add_argument("--list", action="store_true", help="print the node list and exit")
     args = ap.parse_args(argv)
+    overrides = _parse_overrides(args.set)
     try:
         station = load_station(args.station)
-        specs = launch_graph.node_specs(station, _parse_overrides(args.set))
+        bags = launch_graph.bag_dir(station, args.bag_dir or str(overrides.get("episode_recorder", {}).get(
+            "output_dir", "")), relative_to=Path.cwd())
+        specs = launch_graph.node_specs(station, overrides, bags)
     except (StationConfigError, KeyError) as e:
         print(f"recap-station: {e}", file=sys.stderr)
         return 2
@@ -154,11 +173,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="recap-station-") as tmp:
         runner = Station(specs, Path(tmp), args.grace)
         _say(f"[recap-station] station '{station.name}' from {station.file}: {len(specs)} nodes")
+        recording = any(s.name == "episode_recorder" for s in specs)
+        watcher = EpisodeWatcher(bags, station.name) if recording else None
+        if recording:
+            _say(f"[recap-station] episode bags go to {bags}")
         rc = 0
         try:
             runner.start()
             t_end = time.monotonic() + args.duration if args.duration > 0 else None
+            next_poll = 0.0
             while not stop.requested.is_set():
+                if watcher is not None and time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + EPISODE_POLL_S
+                    _report_episodes(watcher, bags)
                 dead = runner.first_dead()
                 if dead:
                     _say(f"[recap-station] node {dead[0]} exited with code {dead[1]}: stopping the station",
@@ -174,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         if failed:
             _say(f"[recap-station] exit codes other than 0: {failed}", err=True)
             rc = 1
+        if watcher is not None:  # after the stop: the recorder has finished the last bag
+            _report_episodes(watcher, bags)
+            for line in session_summary(watcher.session(), bags):
+                _say(f"[recap-station] {line}")
         _say(f"[recap-station] stopped ({stop.signal_name or 'exit'})")
     stop.ignore_further()
     return rc

@@ -92,3 +92,51 @@ def test_runner_list_and_bad_station(capsys, tmp_path):
     assert "robot" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="NODE.PARAM=VALUE"):
         runner_main(["sim", "--set", "nonsense", "--list"])
+
+
+def _station_with_output_dir(tmp_path, output_dir):
+    import yaml
+
+    data = yaml.safe_load(paths.station_file("sim").read_text())
+    data["recorder"]["output_dir"] = output_dir
+    f = tmp_path / "st.yaml"
+    f.write_text(yaml.safe_dump(data))
+    return load_station(str(f))
+
+
+def test_bag_dir_is_always_a_stated_absolute_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    sim = load_station("sim")  # recorder.output_dir: bags (relative)
+    assert launch_graph.bag_dir(sim) == tmp_path / "home" / "recap_bags" / "sim"  # ros2 launch's default
+    assert launch_graph.bag_dir(sim, relative_to=tmp_path) == tmp_path / "bags"  # recap-station from tmp_path
+    monkeypatch.chdir(tmp_path)
+    assert launch_graph.bag_dir(sim, "out/b") == tmp_path / "out" / "b"
+    assert launch_graph.bag_dir(sim, "~/x") == tmp_path / "home" / "x"
+    assert launch_graph.bag_dir(_station_with_output_dir(tmp_path, "~/recap_bags")) == tmp_path / "home" / "recap_bags"
+    assert launch_graph.bag_dir(_station_with_output_dir(tmp_path, "/data/b"), relative_to=tmp_path) == Path("/data/b")
+
+
+def test_launch_plan_gives_the_recorder_its_bag_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    station, bags, specs = launch_graph.launch_plan("sim")
+    assert station.name == "sim" and bags == tmp_path / "recap_bags" / "sim"
+    rec = next(s for s in specs if s.name == "episode_recorder")
+    assert rec.parameters["output_dir"] == str(tmp_path / "recap_bags" / "sim")
+    _, bags, specs = launch_graph.launch_plan("sim", str(tmp_path / "mine"))
+    assert next(s for s in specs if s.name == "episode_recorder").parameters["output_dir"] == str(tmp_path / "mine")
+
+
+def test_station_launch_file_declares_bag_dir():
+    tree = ast.parse((ROOT / "launch" / "station.launch.py").read_text())
+    declared = [n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", "") == "DeclareLaunchArgument"]
+    assert declared == ["station", "bag_dir"]
+    assert "launch_plan" in {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+
+
+def test_runner_list_shows_the_resolved_bag_dir(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert runner_main(["sim", "--list", "--only", "episode_recorder"]) == 0
+    assert f"'output_dir': '{tmp_path / 'bags'}'" in capsys.readouterr().out
+    assert runner_main(["sim", "--list", "--only", "episode_recorder", "--bag-dir", "b2"]) == 0
+    assert f"'output_dir': '{tmp_path / 'b2'}'" in capsys.readouterr().out

@@ -145,3 +145,19 @@ def test_episode_end_publishes_nothing_and_start_waits_for_observations_of_the_n
     assert len(s.kinds("plan")) == plans + 1
     np.testing.assert_array_equal(s.kinds("plan")[-1][2], s.q)
     np.testing.assert_array_equal(s.commands[-1], s.q)
+
+
+def test_episode_start_holds_are_routine_and_faults_are_not():
+    s = Station.executing(10)
+    s.tick.event("episode", False, s.now)
+    s.step(2)
+    s.tick.event("episode", True, s.now + 5 * MS)
+    first = len(s.kinds("hold"))
+    s.step(3)  # waits for the new episode's joint state, then for the first chunk
+    starts = [r[1] for r in s.kinds("hold")[first:]]
+    assert starts == ["waiting for a /joint_states message of the new episode", "waiting for the first chunk"]
+    assert all(PolicyTick.routine_hold(r) for r in starts) and PolicyTick.routine_hold("stopped")
+    for fault in ("stale observation: /cam_base/image_raw image older than 0.25 s",
+                  "inference failed: PolicyError: boom", "overrun: chunk exhausted before the next chunk arrived",
+                  None):
+        assert not PolicyTick.routine_hold(fault), fault

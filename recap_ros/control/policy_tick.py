@@ -35,6 +35,7 @@ import numpy as np
 from recap_ros.control.stitching import ChunkExecutor, ChunkRejected, JointLimits, Request
 
 POLICY_INPUT = "policy"  # the mux's name for the policy's command input
+WAITING = "waiting for "  # how every routine hold of an episode start begins (see PolicyTick.routine_hold)
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,13 @@ class PolicyTick:
             if stamp is None or stamp < start:
                 return f"waiting for a {topic} frame of the new episode"
         return None
+
+    @staticmethod
+    def routine_hold(reason: str | None) -> bool:
+        """A hold every start and every episode goes through, not a fault: stopped, or waiting for the
+        observations of the new episode, a first joint state or the first chunk. The others (stale observations,
+        rejected or failed chunks, overruns) are worth a warning."""
+        return reason is not None and (reason == "stopped" or reason.startswith(WAITING))
 
     def _report_hold(self, reason: str | None) -> None:
         if reason != self._reported_hold:

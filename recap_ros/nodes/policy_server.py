@@ -234,6 +234,7 @@ class PolicyServer(Node):
         self._chunks = 0
         self._closing = threading.Event()
         self.hold_reason: str | None = HOLD_NO_CHUNK
+        self._routine_hold_logged = False
         self.tick_status: dict = {}
         self.latencies_ms: deque[float] = deque(maxlen=200)
         self.stats = {"accepted": 0, "rejected": 0, "errors": 0, "last_delay_ticks": -1,
@@ -460,8 +461,12 @@ class PolicyServer(Node):
                 self.hold_reason = args[0]
                 if args[0] is None:
                     log.info("executing chunks")
-                else:
+                    self._routine_hold_logged = False
+                elif not PolicyTick.routine_hold(args[0]):
                     log.warning(f"holding: {args[0]}", throttle_duration_sec=2.0)
+                elif not self._routine_hold_logged:  # once per episode start, not once per observation awaited
+                    log.info(f"holding: {args[0]}")
+                    self._routine_hold_logged = True
             elif kind == "status":
                 self.tick_status = args[0]
             elif kind == "tick_exit":
@@ -498,7 +503,7 @@ class PolicyServer(Node):
         elif not self._in_control:
             level, message = OK, f"following the robot: mux source is '{self._active_source}'"
         elif hold:
-            level, message = WARN, f"holding: {hold}"
+            level, message = OK if PolicyTick.routine_hold(hold) else WARN, f"holding: {hold}"
         else:
             level, message = OK, "executing"
         values = {"inference_latency_ms_last": f"{lat[-1]:.1f}", "inference_latency_ms_p50": f"{np.median(lat):.1f}",
