@@ -1,0 +1,78 @@
+"""What `./dev station` prints: where the bags go, one line per finished episode, a summary at exit (Ctrl-C),
+readable log times, no WARN for the routine holds of each episode start, no rosout error at exit."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import REPO, wait_for
+
+from recap_ros import paths
+
+EPISODE = re.compile(r"^\[recap-station\] episode (\d+) +(success|failure|unlabelled) +(\d+\.\d) s  "
+                     r"(autonomous|human \d+ ticks \(\d+ takeovers?\))  '([^']+)'  (\S+)$", re.M)
+
+
+def _dev_command(station: Path) -> tuple[list[str], dict]:
+    """``./dev station <yaml>`` when this test runs in ./dev's venv; elsewhere (a ROS machine's own Python) the
+    runner as ./dev runs it, with the log format ./dev sets."""
+    env = {k: v for k, v in os.environ.items() if k != "RCUTILS_CONSOLE_OUTPUT_FORMAT"}
+    venv = (REPO / os.environ.get("RECAP_VENV", ".venv")).resolve()
+    if Path(sys.prefix).resolve() == venv:
+        return [str(REPO / "dev"), "station", str(station)], env
+    env["RCUTILS_CONSOLE_OUTPUT_FORMAT"] = "[{severity}] [{date_time_with_ms}] [{name}]: {message}"
+    return [sys.executable, "-m", "recap_ros.runner", str(station)], env
+
+
+@pytest.mark.ros
+@pytest.mark.timeout(90)
+def test_dev_station_prints_episode_lines_and_a_summary_at_ctrl_c(rclpy_context, tmp_path):
+    data = yaml.safe_load(paths.station_file("sim").read_text())
+    bags = tmp_path / "bags"
+    data["recorder"]["output_dir"] = str(bags)
+    data["sim"]["episode_timeout_s"] = 1.5  # short episodes: two finish within seconds of the start
+    station = tmp_path / "sim.yaml"
+    station.write_text(yaml.safe_dump(data))
+    cmd, env = _dev_command(station)
+    log_path = tmp_path / "station.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
+                                env=env)
+        try:
+            wait_for(lambda: proc.poll() is None and len(EPISODE.findall(log_path.read_text())) >= 2, 60,
+                     "two episode lines")
+            time.sleep(0.3)
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the foreground process group
+            rc = proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    out = log_path.read_text()
+    assert rc == 0, out[-3000:]
+    assert f"[recap-station] episode bags go to {bags}\n" in out, out[:2000]
+    episodes = EPISODE.findall(out)
+    numbers = [int(e[0]) for e in episodes]
+    assert numbers == list(range(len(numbers))), numbers  # each once, in order
+    for number, outcome, duration, _, prompt, bag in episodes:
+        assert (bags / bag).is_dir() and bag.endswith(f"_ep{int(number):04d}"), bag
+        assert float(duration) < 3.0, duration  # 1.5 s episodes, give or take the recorder's start and stop
+        if int(number) < len(episodes) - 1:  # the last one may be cut short, unlabelled, by Ctrl-C
+            assert outcome != "unlabelled" and float(duration) > 0.5, (number, outcome, duration)
+    summary = out[out.rindex("[recap-station] episode "):]
+    m = re.search(r"\[recap-station\] (\d+) episodes?: (\d+) success, (\d+) failure, (\d+) unlabelled", summary)
+    assert m, out[-2000:]
+    assert int(m[1]) == len(episodes) == int(m[2]) + int(m[3]) + int(m[4])
+    assert int(m[2]) == sum(e[1] == "success" for e in episodes)
+    assert re.search(r"\[recap-station\] interventions: \d+ takeovers in \d+ episodes, \d+ human-driven ticks; "
+                     r"\d+\.\d s recorded", summary), summary
+    assert f"[recap-station] bags: {bags} ({episodes[0][5]} .. {episodes[-1][5]})" in summary, summary
+    assert summary.rstrip().endswith("[recap-station] stopped (SIGINT)"), summary
+    assert re.search(r"^\[INFO\] \[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}\] \[sim_robot\]", out, re.M), out[:2000]
+    assert not re.search(r"^\[WARN\].*holding: waiting for", out, re.M), "routine holds are INFO"
+    assert "Failed to publish log message to rosout" not in out and "Traceback" not in out, out[-3000:]
