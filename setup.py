@@ -26,7 +26,8 @@ def tree(src):
     """data_files entries that install every file below src under share/recap_ros/src."""
     out = {}
     for path in glob(os.path.join(src, "**", "*"), recursive=True):
-        if os.path.isfile(path) and "__pycache__" not in path and "engine_cache" not in path:
+        if (os.path.isfile(path) and "__pycache__" not in path and "engine_cache" not in path
+                and ".run/" not in path):  # a training run's checkpoints and metrics (recap-train-* OUT.run)
             out.setdefault(os.path.join("share", PACKAGE, os.path.dirname(path)), []).append(path)
     return sorted(out.items())
 
