@@ -1,4 +1,4 @@
-"""``recap-export <bags...> --out <dataset>``: episode bags -> LeRobot v3.0 dataset with RECAP labels.
+"""recap-export BAGS... --out DATASET: episode bags -> LeRobot v3.0 dataset with RECAP labels.
 
 Arguments may be bag directories or folders of them (searched recursively for directories holding
 metadata.yaml or an .mcap). Incremental: bags already in the dataset (by directory name) are not exported
@@ -6,6 +6,10 @@ again. Each bad bag gets one line saying why; the others still export. Exit stat
 (unreadable, unfinished, missing topics, wrong station, a task whose max length / C_fail differ from those
 the dataset already stores for it), 0 otherwise (skipped bags: unlabelled, or gaps with
 --on-gap skip, are reported but not failures); 2 for bad arguments.
+
+Output: one short line per bag that was not exported cleanly (its name and the gist; -v: the full text), then
+a summary. Its robot time is the exported frames / fps (the data in the dataset); the bags' recorded time,
+start to end, is longer by what the export left out (edge ticks, gaps, dropped segments).
 """
 from __future__ import annotations
 
@@ -88,11 +92,22 @@ def _repair(bag: Path) -> str | None:
     return None
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: X)" to an option's help unless its help already says the default, or it has none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recap-export", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]).strip(),
+                                formatter_class=_HelpFormatter)
     p.add_argument("bags", nargs="+", help="episode bag directories or folders of them")
-    p.add_argument("--out", required=True, help="dataset directory (created, or appended to)")
+    p.add_argument("--out", required=True, metavar="DATASET", help="dataset directory (created, or appended to)")
     p.add_argument("--station", help="station name or YAML (default: recap.station of the bags, else sim)")
     p.add_argument("--max-len", type=int, help="task's maximum episode length in steps (default: the station's "
                    "sim episode_timeout_s x control rate)")
@@ -107,17 +122,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-segment-s", type=float, default=1.0, help="drop segments shorter than this")
     p.add_argument("--camera-tol-s", type=float, help="a camera frame older than this at a tick is a gap "
                    "(default: 3 frame periods of the station's slowest camera, at least 0.1 s)")
-    p.add_argument("--joint-tol-s", type=float, default=Tolerances.joint_s)
-    p.add_argument("--command-tol-s", type=float, default=Tolerances.command_s)
-    p.add_argument("--edge-tol-s", type=float, default=Tolerances.edge_s)
-    p.add_argument("--joints", choices=("interpolate", "latest"), default="interpolate")
-    p.add_argument("--vcodec", default=VideoOptions.codec, help="libx264, libsvtav1, hevc, mpeg4")
-    p.add_argument("--crf", type=int, default=VideoOptions.crf)
-    p.add_argument("--gop", type=int, default=VideoOptions.gop)
+    p.add_argument("--joint-tol-s", type=float, default=Tolerances.joint_s,
+                   help="a joint state older than this at a tick is a gap")
+    p.add_argument("--command-tol-s", type=float, default=Tolerances.command_s,
+                   help="a robot command older than this at a tick is a gap")
+    p.add_argument("--edge-tol-s", type=float, default=Tolerances.edge_s,
+                   help="ticks at the episode's start and end may miss data for this long (trimmed, not a gap)")
+    p.add_argument("--joints", choices=("interpolate", "latest"), default="interpolate",
+                   help="joint state at a tick: interpolated between the samples around it, or the latest one")
+    p.add_argument("--vcodec", default=VideoOptions.codec, help="video codec: libx264, libsvtav1, hevc, mpeg4")
+    p.add_argument("--crf", type=int, default=VideoOptions.crf,
+                   help="video quality: constant rate factor (lower: better and larger)")
+    p.add_argument("--gop", type=int, default=VideoOptions.gop, help="video keyframe interval in frames")
     p.add_argument("--preset", default=VideoOptions.preset, help="x264/x265 preset (ultrafast .. slow)")
     p.add_argument("--repair", action="store_true", help="repair unfinished bags (recap-bag-repair) and export them")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="each bag's full notes and errors (default: its name and the gist)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+GIST_CHARS = 60  # a note's gist in the short per-bag line
+
+
+def bag_line(r: BagResult, verbose: bool = False) -> str:
+    """The line for a bag that was not exported cleanly: ``status: bag: gist`` (the failure's kind, or each
+    note up to its first ':'); with ``verbose`` the full message (it names the bag's path and what to do)."""
+    if verbose:
+        return f"{r.status}: {r.bag}: {r.message}" if r.status == "exported" else f"{r.status}: {r.message}"
+    if r.status == "exported" or not r.kind:
+        text = r.message[len(r.bag) + 2:] if r.message.startswith(f"{r.bag}: ") else r.message
+        gist = "; ".join(n.split(":")[0][:GIST_CHARS] for n in text.split("; "))
+    else:
+        gist = r.kind.replace("_", " ")
+    return f"{r.status}: {r.bag}: {gist}"
+
+
+def summary_line(results: list[BagResult], fps: float, wall_s: float, out_dir: str) -> str:
+    """The export's last line. Robot time = exported frames / fps; recorded = the bags' start-to-end time."""
+    by = {s: [r for r in results if r.status == s] for s in ("exported", "present", "skipped", "failed")}
+    frames = sum(r.frames for r in by["exported"])
+    recorded = sum(r.duration_s for r in by["exported"])
+    return (f"recap-export: {len(by['exported'])} exported ({frames} frames = {frames / fps:.1f} s of robot time "
+            f"at {fps:g} fps, {sum(len(r.episodes) for r in by['exported'])} episodes; the bags recorded "
+            f"{recorded:.1f} s) in {wall_s:.1f} s, {len(by['present'])} already in {out_dir}, "
+            f"{len(by['skipped'])} skipped, {len(by['failed'])} failed")
 
 
 def run(args: argparse.Namespace, out=sys.stdout) -> tuple[int, list[BagResult]]:
@@ -154,16 +203,9 @@ def run(args: argparse.Namespace, out=sys.stdout) -> tuple[int, list[BagResult]]
             frames += r.frames
             bar.set_postfix(frames=frames)
             if r.status != "exported" or r.message:
-                tqdm.write(f"{r.status}: {r.bag}: {r.message}" if r.status == "exported" else
-                           f"{r.status}: {r.message}", file=out)
-    wall = time.monotonic() - t0
-    by = {s: [r for r in results if r.status == s] for s in ("exported", "present", "skipped", "failed")}
-    dur = sum(r.duration_s for r in by["exported"])
-    print(f"recap-export: {len(by['exported'])} exported ({sum(r.frames for r in results)} frames, "
-          f"{sum(len(r.episodes) for r in results)} episodes, {dur:.1f} s of robot time in {wall:.1f} s), "
-          f"{len(by['present'])} already in {args.out}, {len(by['skipped'])} skipped, {len(by['failed'])} failed",
-          file=out)
-    return (1 if by["failed"] else 0), results
+                tqdm.write(bag_line(r, args.verbose), file=out)
+    print(summary_line(results, station.robot.control_rate_hz, time.monotonic() - t0, args.out), file=out)
+    return (1 if any(r.status == "failed" for r in results) else 0), results
 
 
 def main(argv: list[str] | None = None) -> int:
