@@ -54,8 +54,8 @@ def test_summary_robot_time_is_frames_over_fps(tmp_path):
 
 
 def test_bag_lines_short_by_default_full_with_verbose():
-    long = "; ".join(["split at gaps: cam_high: gap at 1.20..1.60 s (0.40 s > 0.10 s) " * 3,
-                      "trimmed 2 + 3 edge ticks"])
+    long = "; ".join(["split at gaps: cam_high: gap at 1.20..1.60 s (0.40 s > 0.10 s)",
+                      "/joint_states: gap at 1.3..1.4 s (0.1 s > 0.05 s)", "trimmed 2 + 3 edge ticks"])
     ok = BagResult("sim_20260101-120000_ep0001", "exported", long)
     assert cli.bag_line(ok) == "exported: sim_20260101-120000_ep0001: split at gaps; trimmed 2 + 3 edge ticks"
     assert cli.bag_line(ok, verbose=True) == f"exported: sim_20260101-120000_ep0001: {long}"

@@ -147,12 +147,14 @@ GIST_CHARS = 60  # a note's gist in the short per-bag line
 
 def bag_line(r: BagResult, verbose: bool = False) -> str:
     """The line for a bag that was not exported cleanly: ``status: bag: gist`` (the failure's kind, or each
-    note up to its first ':'); with ``verbose`` the full message (it names the bag's path and what to do)."""
+    note up to its first ':', without the items of a list such as each gap, ``cam_high: gap at ...``); with
+    ``verbose`` the full message (it names the bag's path and what to do)."""
     if verbose:
         return f"{r.status}: {r.bag}: {r.message}" if r.status == "exported" else f"{r.status}: {r.message}"
     if r.status == "exported" or not r.kind:
         text = r.message[len(r.bag) + 2:] if r.message.startswith(f"{r.bag}: ") else r.message
-        gist = "; ".join(n.split(":")[0][:GIST_CHARS] for n in text.split("; "))
+        heads = [n.split(":")[0][:GIST_CHARS] for n in text.split("; ")]
+        gist = "; ".join(h for h in heads if " " in h.strip())  # a bare name before ':' is a list item
     else:
         gist = r.kind.replace("_", " ")
     return f"{r.status}: {r.bag}: {gist}"
