@@ -6,6 +6,7 @@ import torch
 from recap_ros.policy.normalize import MIN_SPAN, NORM_CLIP
 from recap_ros.recap import train_policy as tp
 from recap_ros.recap.data import concat, episode_frames
+from recap_ros.recap.trainer import Batch
 
 torch.set_num_threads(1)
 SMALL = {"image_size": 16, "patch_size": 8, "vision_tokens": 4, "vision_depth": 1, "depth": 1, "width": 32,
@@ -39,7 +40,7 @@ def test_indicator_dropout_rate_is_0_3(monkeypatch):
     loss = tp._PolicyLoss(model, f, np.ones(len(f), bool), stats, tp.DROP_PROB)
     rng = np.random.default_rng(0)
     for _ in range(100):
-        loss(rng.integers(0, len(f), 200), rng)
+        loss(Batch(rng.integers(0, len(f), 200), rng))
     n = len(seen)
     dropped = sum(x is None for x in seen) / n
     assert abs(dropped - 0.3) < 4 * np.sqrt(0.3 * 0.7 / n), dropped   # 4 sigma of the binomial
@@ -162,7 +163,7 @@ def test_goals_travel_with_frames_and_are_z_scored(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tp, "flow_matching_loss", spy)
     tp.train_policy(f, None, init=tmp_path / "g", sft=True, steps=1, batch_size=4, progress=False, device="cpu")
-    assert kinds == [("sentencepiece", True)]
+    assert kinds == [("sentencepiece", True)] * 2  # the trainer's unused-parameter probe, then the one step
     with pytest.raises(ValueError, match="tokenizer 'bpe' is for a new model"):
         tp.train_policy(f, None, init=tmp_path / "g", sft=True, steps=1, progress=False, device="cpu",
                         tokenizer="bpe")

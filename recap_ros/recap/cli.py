@@ -3,7 +3,8 @@
 Data (``DATA``) is an exported LeRobot dataset directory (``recap-export``) or a frames cache (.npz) from
 ``recap-sim-demos`` / the sim iteration bench. Under ``torchrun`` the training commands run data-parallel (DDP).
 Each episode's maximum length M and C_fail come with the data (no flag sets them; ``--max-len`` is only checked
-against them). ``recap-train-value`` holds out 20 % of the successful and of the failed episodes and prints how
+against them). A training run keeps its checkpoints, ``metrics.csv`` and TensorBoard events in ``OUT.run``
+(``--run-dir``); ``--resume`` continues it from its newest checkpoint. ``recap-train-value`` holds out 20 % of the successful and of the failed episodes and prints how
 well V ranks their frames by return and how well it is calibrated (also written to the bundle's README.md).
 
     recap-train-value DATA --out models/value_it1 [--init models/value_pre] [--plots plots/]
@@ -31,6 +32,25 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of a training run: warm-up, checkpoints, resume, where its checkpoints and metrics go."""
+    p.add_argument("--warmup", type=int, default=50, help="linear learning-rate warm-up steps")
+    p.add_argument("--run-dir", default=None, help="checkpoints/, metrics.csv and tensorboard/ of the run "
+                   "(default: OUT.run beside the bundle)")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="write a checkpoint every N steps (always one at the end); the newest two are kept")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in the run directory (model, optimizer, schedule, "
+                        "step, data position), on any number of ranks")
+
+
+def _run_dir(a: argparse.Namespace):
+    from recap_ros.recap.trainer import RunDir
+
+    path = Path(a.run_dir) if a.run_dir else Path(a.out).with_name(Path(a.out).name + ".run")
+    return RunDir(path, a.checkpoint_every, a.resume)
 
 
 def _threads(n: int | None) -> None:
@@ -85,6 +105,7 @@ def train_value_main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
+    _run_flags(p)
     p.add_argument("--holdout", type=float, default=0.2,
                    help="fraction of the successful and of the failed episodes held out of training to measure V "
                         "on (0: train on all, no figures)")
@@ -103,8 +124,8 @@ def train_value_main(argv=None) -> int:
         held = value_quality.holdout_episodes(frames.episode_index, frames.episode_success, a.holdout, a.seed)
         train = frames.subset(~held)
         model, losses = train_value(train, a.out, init=a.init, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                                    seed=a.seed, device=a.device)
-    except (ValueError, OSError, RuntimeError) as e:
+                                    seed=a.seed, device=a.device, warmup=a.warmup, run=_run_dir(a))
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
         return _fail(p.prog, e)
     if os.environ.get("RANK", "0") != "0":
         return 0
@@ -211,6 +232,7 @@ def train_policy_main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
+    _run_flags(p)
     a = p.parse_args(argv)
     _threads(a.threads)
     from recap_ros.policy.bundle import open_bundle
@@ -228,10 +250,11 @@ def train_policy_main(argv=None) -> int:
         _, losses = train_policy(frames, a.out, init=a.init, preset_name=a.preset, sft=a.sft, drop_prob=a.drop,
                                  steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
                                  model_overrides=overrides, action_space=a.action_space,
-                                 tokenizer=a.tokenizer, goal_weight=a.goal_weight,
+                                 tokenizer=a.tokenizer, goal_weight=a.goal_weight, warmup=a.warmup,
+                                 run=_run_dir(a),
                                  description=f"recap-train-policy {'SFT' if a.sft else 'advantage-conditioned'} "
                                              f"on {a.data} ({len(frames)} frames)")
-    except (ValueError, OSError, RuntimeError, PolicyError) as e:
+    except (ValueError, OSError, RuntimeError, FloatingPointError, PolicyError) as e:
         return _fail(p.prog, e)
     _report(f"policy: {len(frames)} frames; loss {np.mean(losses[:20]):.4f} -> {np.mean(losses[-20:]):.4f}; "
           f"bundle {a.out}")

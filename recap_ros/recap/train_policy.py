@@ -28,6 +28,7 @@ from recap_ros.policy.training import (
     drop_indicators,
     flow_matching_loss,
     prompt_encoder_for,
+    sample_time,
 )
 from recap_ros.recap import trainer
 from recap_ros.recap.data import Frames
@@ -72,8 +73,9 @@ def goal_targets(model: Pi06Policy, frames: Frames) -> np.ndarray | None:
 
 
 class _PolicyLoss(nn.Module):
-    """forward(indices) -> flow-matching loss of those frames with dropped-out advantage indicators (+ the goal
-    head's loss when the model has one and the frames carry goals)."""
+    """forward(batch) -> flow-matching loss of the batch's frames with dropped-out advantage indicators (+ the goal
+    head's loss when the model has one and the frames carry goals). Dropout, flow noise and time are drawn for the
+    global batch from the batch's generator (:class:`~recap_ros.recap.trainer.Batch`)."""
 
     def __init__(self, model: Pi06Policy, frames: Frames, indicators: np.ndarray, stats: dict[str, Stats],
                  drop_prob: float, action_space: str = ACTION_SPACE, goal_weight: float = 1.0, tokenizer=None):
@@ -87,13 +89,15 @@ class _PolicyLoss(nn.Module):
         goal = goal_targets(model, frames)
         self.goal, self.goal_weight = (None if goal is None else torch.from_numpy(goal)), goal_weight
 
-    def forward(self, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        f = self.frames
-        ind = drop_indicators(self.ind[idx].tolist(), self.drop, rng)
+    def forward(self, batch: trainer.Batch) -> torch.Tensor:
+        f, c, idx, rng, n = self.frames, self.model.config, batch.idx, batch.rng, len(batch.samples)
+        ind = batch.mine(drop_indicators(self.ind[batch.samples].tolist(), self.drop, rng))
+        noise = batch.mine(rng.standard_normal((n, c.chunk_len, c.action_dim), dtype=np.float32))
+        time = batch.mine(sample_time(n, rng=rng))
         prompts = [f.prompts[k] for k in f.task_index[idx]]
         ti = torch.from_numpy(idx)
         return flow_matching_loss(self.model, torch.from_numpy(f.images[idx]), self.state[ti], prompts, ind,
-                                  self.chunk[ti], prompt_encoder=self.enc,
+                                  self.chunk[ti], prompt_encoder=self.enc, noise=torch.from_numpy(noise), time=time,
                                   goal=None if self.goal is None else self.goal[ti], goal_weight=self.goal_weight)
 
 
@@ -112,12 +116,14 @@ def train_policy(frames: Frames, out: str | Path | None, init: str | Path | None
                  lr: float = 3e-4, seed: int = 0, device: str | None = None, progress: bool = True,
                  joint_names: list[str] | None = None, description: str = "",
                  model_overrides: dict | None = None, action_space: str = ACTION_SPACE, tokenizer: str | None = None,
-                 goal_weight: float = 1.0) -> tuple[Pi06Policy, list[float]]:
+                 goal_weight: float = 1.0, warmup: int = 50,
+                 run: trainer.RunDir | None = None) -> tuple[Pi06Policy, list[float]]:
     """Fine-tune the bundle ``init`` (weights, norm stats, tokenizer and action space kept) or train
     ``preset_name`` from scratch (norm stats from ``frames``, outputs in ``action_space``, prompts tokenised by
     ``tokenizer``: "byte" (default), or "bpe" = :func:`~recap_ros.policy.tokenizer.train_bpe` on the frames' prompts);
     writes a bundle to ``out`` on rank 0. A model with a goal head (``goal_dim``) also learns to predict the frames'
-    goals, weighted by ``goal_weight``."""
+    goals, weighted by ``goal_weight``. ``run``: checkpoints, resume and metrics
+    (:func:`recap_ros.recap.trainer.fit`)."""
     if not 0.0 <= drop_prob < 1.0:
         raise ValueError(f"indicator drop probability must be in [0, 1) (got {drop_prob})")
     check_action_space(action_space, "train_policy")  # before any training time is spent
@@ -147,7 +153,7 @@ def train_policy(frames: Frames, out: str | Path | None, init: str | Path | None
     loss = _PolicyLoss(model, frames, indicators, stats, drop_prob, action_space, goal_weight, tokenizer)
     losses = trainer.fit(loss, len(frames), steps, batch_size, lr, dist, seed=seed,
                          desc="policy" + (" (SFT)" if sft else "") + (" + goal" if loss.goal is not None else ""),
-                         progress=progress)
+                         progress=progress, warmup=warmup, run=run)
     model.eval()
     if out is not None and dist.main:
         save_bundle(model, out, stats, tokenizer, joint_names=joint_names, description=description,

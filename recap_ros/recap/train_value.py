@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -23,19 +22,21 @@ from recap_ros.recap.value import (
 
 
 class _ValueLoss(nn.Module):
-    """forward(indices) -> cross-entropy of the value logits against the return bins of those frames."""
+    """forward(batch) -> cross-entropy of the value logits against the return bins of the batch's frames (each
+    image shifted by its own random translation of up to ``augment_shift`` pixels)."""
 
     def __init__(self, model: ValueModel, frames: Frames, augment_shift: int):
         super().__init__()
         self.model, self.frames, self.shift = model, frames, augment_shift
         self.tokens = model.encode_prompts(frames.prompts)
 
-    def forward(self, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        f, dev = self.frames, self.model.head.weight.device
+    def forward(self, batch: trainer.Batch) -> torch.Tensor:
+        f, dev, idx = self.frames, self.model.head.weight.device, batch.idx
         imgs = torch.from_numpy(f.images[idx])
         if self.shift:  # small random translations: the value must not key on exact pixels
-            dy, dx = rng.integers(-self.shift, self.shift + 1, size=2)
-            imgs = torch.roll(imgs, shifts=(int(dy), int(dx)), dims=(2, 3))
+            shifts = batch.mine(batch.rng.integers(-self.shift, self.shift + 1, size=(len(batch.samples), 2)))
+            imgs = torch.stack([torch.roll(im, shifts=(int(dy), int(dx)), dims=(1, 2))
+                                for im, (dy, dx) in zip(imgs, shifts)])
         task = torch.from_numpy(f.task_index[idx])
         logits = self.model(imgs.to(dev), torch.from_numpy(f.state[idx]).to(dev),
                             {k: v[task].to(dev) for k, v in self.tokens.items()})
@@ -54,8 +55,10 @@ def new_value_model(frames: Frames, **backbone_overrides) -> ValueModel:
 
 def train_value(frames: Frames, out: str | Path | None = None, init: str | Path | None = None, steps: int = 500,
                 batch_size: int = 64, lr: float = 3e-4, seed: int = 0, device: str | None = None,
-                progress: bool = True, backbone_overrides: dict | None = None) -> tuple[ValueModel, list[float]]:
-    """Fine-tune from ``init`` (a value bundle) or train from scratch; saves a bundle to ``out`` on rank 0."""
+                progress: bool = True, backbone_overrides: dict | None = None, warmup: int = 50,
+                run: trainer.RunDir | None = None) -> tuple[ValueModel, list[float]]:
+    """Fine-tune from ``init`` (a value bundle) or train from scratch; saves a bundle to ``out`` on rank 0.
+    ``run``: checkpoints, resume and metrics (:func:`recap_ros.recap.trainer.fit`)."""
     dist = trainer.setup(device)
     torch.manual_seed(seed)
     if init is not None:
@@ -70,7 +73,7 @@ def train_value(frames: Frames, out: str | Path | None = None, init: str | Path 
         raise ValueError(f"return bins span [{frames.return_bin.min()}, {frames.return_bin.max()}], "
                          f"outside the model's {model.cfg.num_bins} bins")
     losses = trainer.fit(_ValueLoss(model, frames, augment_shift=1), len(frames), steps, batch_size, lr, dist,
-                         seed=seed, desc="value", progress=progress)
+                         seed=seed, desc="value", progress=progress, warmup=warmup, run=run)
     model.eval()
     if out is not None and dist.main:
         save_value(model, out)
