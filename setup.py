@@ -14,6 +14,7 @@ CLIS = {
     "recap-build-engine": "recap_ros.policy.cli:build_engine_main",
     "recap-bag-repair": "recap_ros.recording.repair:main",
     "recap-export": "recap_ros.export.cli:main",
+    "recap-report": "recap_ros.report.cli:main",
     "recap-train-value": "recap_ros.recap.cli:train_value_main",
     "recap-label": "recap_ros.recap.cli:label_main",
     "recap-train-policy": "recap_ros.recap.cli:train_policy_main",
