@@ -4,8 +4,9 @@ Data (``DATA``) is an exported LeRobot dataset directory (``recap-export``) or a
 ``recap-sim-demos`` / the sim iteration bench. Under ``torchrun`` the training commands run data-parallel (DDP).
 Each episode's maximum length M and C_fail come with the data (no flag sets them; ``--max-len`` is only checked
 against them). A training run keeps its checkpoints, ``metrics.csv`` and TensorBoard events in ``OUT.run``
-(``--run-dir``); ``--resume`` continues it from its newest checkpoint. ``recap-train-value`` holds out 20 % of the successful and of the failed episodes and prints how
-well V ranks their frames by return and how well it is calibrated (also written to the bundle's README.md).
+(``--run-dir``); ``--resume`` continues it from its newest checkpoint. ``recap-train-value`` holds out 20 % of the
+successful and of the failed episodes and prints how well V ranks their frames by return and how well it is
+calibrated (also written to the bundle's README.md).
 
     recap-train-value DATA --out models/value_it1 [--init models/value_pre] [--plots plots/]
     recap-label DATA --value models/value_it1 --mode finetune --out labels.parquet [--plots plots/]
