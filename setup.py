@@ -77,7 +77,10 @@ setup(
         "standalone": ROS_WHEELS,
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-rerunfailures>=14",
                  "transformers>=5,<6"],  # reference implementation of the Gemma 3 / SigLIP parity tests
-        "gpu": ["tensorrt>=10"],
+        # NVIDIA GPU serving: TensorRT (strongly typed engines; 10.12+ or 11.x) and ONNX Runtime with the CUDA and
+        # TensorRT execution providers (1.27+ supports TensorRT 11). onnxruntime-gpu installs the same `onnxruntime`
+        # module as the CPU wheel: uninstall onnxruntime first (bench/gpu_check.sh does).
+        "gpu": ["tensorrt>=10.12", "onnxruntime-gpu>=1.27"],
         # The MuJoCo ALOHA station (aloha_sim): gym-aloha's scenes and tasks (its internals are used: pinned).
         # Headless rendering needs EGL from the system (README, "MuJoCo ALOHA station").
         "aloha": ["gym-aloha==0.1.5", "mujoco>=3.2,<3.9", "dm-control>=1.0.15,<1.1"],

@@ -24,7 +24,7 @@ N_JOINTS = 14
 COMMAND_TYPES = ("joint_state", "float64_multi_array")
 CAMERA_ROLES = ("base", "left_wrist", "right_wrist")
 RESIZE_MODES = ("letterbox", "resize")
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "remote")  # remote: a recap-serve (policy.server)
+BACKENDS = ("auto", "torch", "onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "remote")  # remote: a recap-serve (policy.server)
 DEFAULT_RAMP_S = 0.1  # default max_acceleration = max_velocity / this (a joint reaches full speed in 0.1 s)
 BETA_MIN, BETA_MAX = 1.5, 2.5
 SIMULATORS = ("kinematic", "aloha")  # sim.simulator: the built-in kinematic sim (sim_robot), MuJoCo ALOHA (aloha_sim)
