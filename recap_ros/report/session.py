@@ -90,7 +90,7 @@ def dataset_rows(ds: RecapDataset) -> list[EpisodeRow]:
 
 
 def dataset_curves(ds: RecapDataset) -> Curves:
-    """Interventions of every bag, and V where the dataset has the value monitor's column."""
+    """Interventions of every bag, and V where the dataset has the value monitor's column with values in it."""
     curves = Curves()
     has_value = VALUE_COLUMN in ds.features
     for bag, segs in _segments(ds).items():
@@ -98,8 +98,9 @@ def dataset_curves(ds: RecapDataset) -> Curves:
         curves.intervention[bag] = _on_grid(ds, segs, {e: d["intervention"].reshape(-1).astype(float)
                                                        for e, d in eps.items()}) > 0.5
         if has_value:
-            curves.value[bag] = _on_grid(ds, segs, {e: d[VALUE_COLUMN].reshape(-1).astype(float)
-                                                    for e, d in eps.items()})
+            v = _on_grid(ds, segs, {e: d[VALUE_COLUMN].reshape(-1).astype(float) for e, d in eps.items()})
+            if np.isfinite(v).sum() >= 2:  # NaN throughout: recorded without a running value monitor
+                curves.value[bag] = v
     return curves
 
 
