@@ -68,6 +68,16 @@ def only_rank_0_wrote(run_dir: Path) -> None:
     assert len(events) == 1, events
 
 
+def test_sample_stream_is_epochs_of_permutations_shared_out_by_rank():
+    stream = trainer.SampleStream(10, seed=1)
+    first, second = stream.take(0, 10), stream.take(10, 10)
+    assert sorted(first) == sorted(second) == list(range(10)) and list(first) != list(second)
+    np.testing.assert_array_equal(stream.take(7, 6), np.concatenate([first[7:], second[:3]]))  # across an epoch end
+    rng = np.random.default_rng(0)
+    shares = [trainer.Batch(first[:6], rng, slice(r * 3, (r + 1) * 3)).idx for r in range(2)]  # 2 ranks x 3
+    np.testing.assert_array_equal(np.concatenate(shares), first[:6])
+
+
 def test_value_ddp_matches_one_process_with_twice_the_batch_and_resumes_on_one(tmp_path):
     save_frames(synthetic_frames(n_eps=4, T=12, size=16), tmp_path / "f.npz")
     common = [str(tmp_path / "f.npz"), "--image-size", "16", "--holdout", "0", *TRAIN]
