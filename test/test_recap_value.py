@@ -79,3 +79,16 @@ def test_fine_tune_from_checkpoint_and_bad_bundles(tmp_path):
         train_value(synthetic_frames(n_eps=1, T=5, size=32), init=save_value(
             ValueModel(ValueConfig(SMALL)), tmp_path / "b2"),
             steps=1, progress=False, device="cpu")
+
+
+def test_new_value_model_fits_the_longest_prompt(tmp_path):
+    """gym-aloha's prompts are longer than the default 64 text tokens: a new value model makes room for them."""
+    long_prompt = "x" * 100  # BOS + "Task: " (6) + 100 + "\n" = 108 byte tokens -> rounded up to 112
+    T = 6
+    imgs = np.zeros((T, 3, 16, 16, 3), np.uint8)
+    state = np.zeros((T, 14), np.float32)
+    frames = concat([episode_frames(imgs, np.arange(T), state, state, np.zeros(T, bool), long_prompt, True,
+                                    max_len=T, c_fail=T, chunk_len=4, episode=0)])
+    model, _ = train_value(frames, out=tmp_path / "v", steps=2, batch_size=4, progress=False, device="cpu")
+    assert model.cfg.backbone.max_text_tokens == 112
+    assert load_value(tmp_path / "v").cfg.backbone.max_text_tokens == 112

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from recap_ros.policy.tokenizer import ByteTokenizer, PromptEncoder
 from recap_ros.recap import trainer
 from recap_ros.recap.data import Frames
 from recap_ros.recap.value import (
@@ -47,6 +48,10 @@ def new_value_model(frames: Frames, **backbone_overrides) -> ValueModel:
     """A fresh value model sized for ``frames`` with state normalisation from their statistics."""
     n_cams, size = frames.images.shape[1], frames.images.shape[2]
     roles = backbone_overrides.pop("camera_roles", default_backbone().camera_roles[:n_cams])
+    if "max_text_tokens" not in backbone_overrides:  # room for the data's longest prompt, in steps of 16
+        enc = PromptEncoder(ByteTokenizer(), 1 << 20, default_backbone().max_advantage_tokens)
+        longest = max(len(enc.text_tokens(p)) for p in frames.prompts)
+        backbone_overrides["max_text_tokens"] = max(default_backbone().max_text_tokens, -(-longest // 16) * 16)
     bb = default_backbone(image_size=size, camera_roles=tuple(roles), state_dim=frames.state.shape[1],
                           action_dim=frames.state.shape[1], **backbone_overrides)
     return ValueModel(ValueConfig(bb, state_mean=frames.state.mean(0).tolist(),
