@@ -188,27 +188,3 @@ def test_build_engine_cli_exports_steps(tiny_copy, capsys):
     if not tensorrt_available():
         assert build_engine_main([str(tiny_copy)]) == 2
         assert "tensorrt backend" in capsys.readouterr().err
-
-
-def test_engine_cache_keys_never_stale(tiny_copy):
-    """The TensorRT engine cache logic (GPU-free part): hits only for the same ONNX hash, GPU, TRT version and
-    precision; an engine whose bytes changed is not trusted; storing replaces the graph's older engines."""
-    from recap_ros.policy.backends import EngineCache
-
-    bundle = open_bundle(tiny_copy)
-    onnx = bundle.onnx_path("prefix")
-    cache = EngineCache(bundle, "NVIDIA H100 80GB HBM3", "10.9.0", "bf16")
-    assert cache.lookup(onnx) is None
-    path = cache.store(onnx, b"engine-v1")
-    assert cache.lookup(onnx) == path and "prefix-" in path.name and "NVIDIA-H100-80GB-HBM3" in path.name
-    assert EngineCache(bundle, "NVIDIA H100 80GB HBM3", "10.10.0", "bf16").lookup(onnx) is None  # other TRT
-    assert EngineCache(bundle, "NVIDIA A100-SXM4-80GB", "10.9.0", "bf16").lookup(onnx) is None  # other GPU
-    assert EngineCache(bundle, "NVIDIA H100 80GB HBM3", "10.9.0", "fp16").lookup(onnx) is None  # other precision
-    path.write_bytes(b"tampered")
-    assert cache.lookup(onnx) is None
-    other = EngineCache(bundle, "NVIDIA H100 80GB HBM3", "10.10.0", "bf16")
-    other.store(onnx, b"engine-v2")
-    assert len(list(cache.dir.glob("prefix-*.engine"))) == 1  # the older engine for this graph was removed
-    assert other.lookup(onnx) is not None
-    bundle.manifest["files"]["onnx/prefix.onnx"]["sha256"] = "0" * 64  # a different ONNX export
-    assert other.lookup(onnx) is None

@@ -180,7 +180,8 @@ class PolicyServer(Node):
         self.station, robot, pol = station, station.robot, station.policy
         p = self._param
         bundle = p("bundle", pol.bundle, "model bundle name or path")
-        backend = p("backend", pol.backend, "auto | torch | onnxruntime | tensorrt | remote (policy.server)")
+        backend = p("backend", pol.backend, "auto | torch | onnxruntime | onnxruntime-cuda | onnxruntime-trt | "
+                                             "tensorrt | remote (policy.server)")
         self.prompt = p("prompt", pol.prompt, "task prompt until one arrives on the prompt topic").strip()
         replan_every = p("replan_every", pol.replan_every, "ticks executed before the next chunk is requested")
         crossfade = p("crossfade_ticks", pol.crossfade_ticks, "seam blend length in ticks")
@@ -209,7 +210,9 @@ class PolicyServer(Node):
         elif policy is None:
             from recap_ros.policy import load_policy
 
-            policy = load_policy(bundle, backend=backend, threads=threads or None)
+            # tensorrt engines for the station's step count are loaded (built when missing) now, never mid-run
+            policy = load_policy(bundle, backend=backend, threads=threads or None,
+                                 steps=(self.denoise_steps,) if backend in ("auto", "tensorrt") else None)
         policy.check_station(station)
         self.policy = policy
         self.names = robot.joint_names

@@ -1,5 +1,7 @@
-"""Inference backends behind one interface: ``torch`` (reference), ``onnxruntime`` (CPU / CUDA / TensorRT
-execution providers) and ``tensorrt`` (engines built from the bundle's ONNX, cached under ``engine_cache/``).
+"""Inference backends behind one interface: ``torch`` (reference), ``onnxruntime`` (CPU),
+``onnxruntime-cuda`` / ``onnxruntime-trt`` (ONNX Runtime's CUDA / TensorRT execution providers) and
+``tensorrt`` (strongly typed engines built from reduced-precision graphs, :mod:`recap_ros.policy.precision`,
+cached by :mod:`recap_ros.policy.engine_cache`). ``auto`` picks the first usable one in :data:`AUTO_ORDER`.
 
 Every backend runs one chunk from host-prepared inputs (numpy, batch 1, the export I/O contract):
 ``images, tokens, token_mask, adv_tokens, adv_mask, state, noise`` (+ ``beta`` when guided) and returns the
@@ -8,13 +10,14 @@ Two engine calls per chunk: prefix -> KV cache, then the whole unrolled Euler lo
 """
 from __future__ import annotations
 
-import json
-import re
+import importlib.util
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from recap_ros.policy.bundle import Bundle, sha256_file
+from recap_ros.policy.bundle import Bundle
+from recap_ros.policy.engine_cache import EngineCache, EngineKey, cache_dir
 from recap_ros.policy.errors import PolicyError
 
 PREFIX_INPUTS = ("images", "tokens", "token_mask", "adv_tokens", "adv_mask", "state")
@@ -60,41 +63,62 @@ class TorchBackend(Backend):
 
 
 # --------------------------------------------------------------------------------------------- onnxruntime
-ORT_PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+ORT_BACKENDS = {  # backend name -> execution providers, in ONNX Runtime's order of preference
+    "onnxruntime": ("CPUExecutionProvider",),
+    "onnxruntime-cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "onnxruntime-trt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+
+
+def graph_for(bundle: Bundle, onnx_path: Path, precision: str, out_dir: Path) -> Path:
+    """The bundle's fp32 graph, or its reduced-precision variant written under out_dir (converted once)."""
+    if precision == "fp32":
+        return onnx_path
+    from recap_ros.policy.precision import reduced_path, write_reduced
+
+    dst = reduced_path(onnx_path, precision, out_dir)
+    return dst if dst.is_file() else write_reduced(onnx_path, precision, out_dir)
 
 
 class OrtBackend(Backend):
-    """ONNX Runtime. ``providers`` default: every available one of TensorRT, CUDA, CPU (in that order; the
-    TensorRT EP runs fp32/TF32 with its engine cache in ``engine_cache/ort_trt``; use the ``tensorrt`` backend
-    for BF16 / FP16). The KV cache passes between the two sessions through IOBinding (it stays on the device
-    with the CUDA / TensorRT EPs)."""
+    """ONNX Runtime on one of :data:`ORT_BACKENDS`. On a GPU the KV cache passes between the two sessions
+    through IOBinding and stays on the device (in the compute precision with ``precision`` fp16 / bf16, which
+    runs the reduced-precision graphs of :mod:`recap_ros.policy.precision`). The TensorRT EP keeps its engines
+    and timing cache in the engine cache folder (``ort_trt/``)."""
 
-    name = "onnxruntime"
-
-    def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, bundle: Bundle, backend: str = "onnxruntime", threads: int | None = None,
+                 precision: str = "fp32", device: str | None = None):
         import onnxruntime as ort
 
-        self.ort, self.bundle = ort, bundle
+        if precision not in PRECISIONS:
+            raise PolicyError(f"{backend} backend: precision '{precision}' must be one of {', '.join(PRECISIONS)}")
+        self.ort, self.bundle, self.name, self.precision = ort, bundle, backend, precision
+        wanted = ORT_BACKENDS[backend]
         available = ort.get_available_providers()
-        if providers is None:
-            providers = [p for p in ORT_PROVIDER_ORDER if p in available]
-        unknown = [p for p in providers if p not in available]
-        if unknown:
-            raise PolicyError(f"onnxruntime backend: providers {unknown} are not available here "
-                              f"(available: {available})")
+        if wanted[0] not in available:
+            raise PolicyError(f"{backend} backend: ONNX Runtime here has no {wanted[0]} (available: {available}; "
+                              "pip install .[gpu] brings onnxruntime-gpu)")
+        device_id = _cuda_index(device)
+        self.cache = cache_dir(bundle)
         self.providers = []
-        for p in providers:
+        for p in wanted:
             if p == "TensorrtExecutionProvider":
-                cache = bundle.dir / "engine_cache" / "ort_trt"
-                cache.mkdir(parents=True, exist_ok=True)
-                self.providers.append((p, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)}))
+                trt_dir = self.cache / "ort_trt"
+                trt_dir.mkdir(parents=True, exist_ok=True)
+                self.providers.append((p, {"device_id": device_id, "trt_engine_cache_enable": True,
+                                           "trt_engine_cache_path": str(trt_dir), "trt_timing_cache_enable": True,
+                                           "trt_timing_cache_path": str(trt_dir)}))
+            elif p == "CUDAExecutionProvider":
+                self.providers.append((p, {"device_id": device_id}))
             else:
                 self.providers.append(p)
-        self.device = "cuda" if any(p in providers for p in ORT_PROVIDER_ORDER[:2]) else "cpu"
+        self.device = "cpu" if backend == "onnxruntime" else f"cuda:{device_id}"
         self.options = ort.SessionOptions()
         self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         if threads:
             self.options.intra_op_num_threads = threads
+        self.options.inter_op_num_threads = 1  # sequential graph: one pool, no second set of idle threads
         # A station shares its CPUs with cameras, the mux and the recorder: worker threads that spin while
         # waiting for work would take their cores for nothing between chunks.
         self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -106,10 +130,11 @@ class OrtBackend(Backend):
 
     def _session(self, path: Path):
         if path not in self.sessions:
+            graph = graph_for(self.bundle, path, self.precision, self.cache / "onnx")
             try:
-                self.sessions[path] = self.ort.InferenceSession(str(path), self.options, providers=self.providers)
+                self.sessions[path] = self.ort.InferenceSession(str(graph), self.options, providers=self.providers)
             except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeException types
-                raise PolicyError(f"{path}: onnxruntime cannot load this graph ({e})") from None
+                raise PolicyError(f"{graph}: onnxruntime ({self.name}) cannot load this graph ({e})") from None
         return self.sessions[path]
 
     def run(self, feeds, steps, beta):
@@ -122,7 +147,7 @@ class OrtBackend(Backend):
         for i in self.prefix.get_inputs():
             bind.bind_cpu_input(i.name, np.ascontiguousarray(feeds[i.name]))
         for name in ("keys", "values", "kv_mask"):
-            bind.bind_output(name, self.device)
+            bind.bind_output(name, "cuda", self.providers[0][1]["device_id"])
         self.prefix.run_with_iobinding(bind)
         kv = dict(zip(("keys", "values", "kv_mask"), bind.get_outputs()))
         bind2 = sess.io_binding()
@@ -146,72 +171,42 @@ def gpu_available() -> bool:
 
 
 def tensorrt_available() -> bool:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False
-    return gpu_available()
+    return importlib.util.find_spec("tensorrt") is not None and gpu_available()
 
 
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", s).strip("-")
+def _cuda_index(device: str | None) -> int:
+    """'cuda' / 'cuda:N' / None -> N (0 by default)."""
+    if device in (None, "cuda"):
+        return 0
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    raise PolicyError(f"device '{device}': expected 'cuda' or 'cuda:N'")
 
 
-class EngineCache:
-    """Engines under ``<bundle>/engine_cache/``, keyed by ONNX sha256 + GPU name + TensorRT version + precision.
-    A key mismatch means a rebuild; an engine is never loaded for another ONNX, GPU or TensorRT version."""
-
-    def __init__(self, bundle: Bundle, gpu_name: str, trt_version: str, precision: str):
-        self.bundle, self.gpu, self.trt_version, self.precision = bundle, gpu_name, trt_version, precision
-        self.dir = bundle.dir / "engine_cache"
-
-    def key(self, onnx_path: Path) -> dict:
-        rel = onnx_path.relative_to(self.bundle.dir).as_posix()
-        sha = self.bundle.manifest["files"][rel]["sha256"]
-        return {"onnx": rel, "onnx_sha256": sha, "gpu": self.gpu, "tensorrt": self.trt_version,
-                "precision": self.precision}
-
-    def path(self, onnx_path: Path) -> Path:
-        k = self.key(onnx_path)
-        return self.dir / (f"{onnx_path.stem}-{k['onnx_sha256'][:16]}-{_slug(self.gpu)}-trt{_slug(self.trt_version)}"
-                           f"-{self.precision}.engine")
-
-    def lookup(self, onnx_path: Path) -> Path | None:
-        path = self.path(onnx_path)
-        meta = path.with_suffix(".json")
-        if path.is_file() and meta.is_file():
-            try:
-                if json.loads(meta.read_text()) == {**self.key(onnx_path), "engine_sha256": sha256_file(path)}:
-                    return path
-            except ValueError:
-                pass
-        return None
-
-    def store(self, onnx_path: Path, engine: bytes) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for old in self.dir.glob(f"{onnx_path.stem}-*-{self.precision}.*"):  # other ONNX / GPU / TRT versions
-            old.unlink()
-        path = self.path(onnx_path)
-        path.write_bytes(engine)
-        path.with_suffix(".json").write_text(json.dumps({**self.key(onnx_path),
-                                                         "engine_sha256": sha256_file(path)}))
-        return path
+WORKSPACE_GB = 8.0  # TensorRT builder scratch memory limit (tactics needing more are skipped)
 
 
 class TensorRTBackend(Backend):
-    """TensorRT engines (BF16 default / FP16 / FP32) built from the bundle's ONNX graphs on first use and cached.
-    Tensors live on the GPU as torch CUDA tensors; the KV cache never leaves the device. BF16 is the default
-    because Gemma-class residual streams overflow FP16 (|x|² > 65504 in RMSNorm) with real weights."""
+    """Strongly typed TensorRT engines (bf16 default / fp16 / fp32). The precision lives in the graph
+    (:func:`recap_ros.policy.precision.reduce_precision`: fp32 islands for positions, norms and softmax); the
+    network is created STRONGLY_TYPED (required on TensorRT 10.x for a typed graph, the only mode of 11.x) and
+    no builder precision flag is set (TensorRT 11 removed them).
+
+    Engines for the prefix and the cond + cfg graphs of each of ``steps`` are loaded (built when missing, with
+    a progress line) HERE, at start-up; ``run`` never builds: an unbuilt step count is a PolicyError naming
+    ``recap-build-engine``. The KV cache stays on the device in the compute precision between the two engines;
+    inputs go through pinned host buffers, outputs are allocated once per engine. BF16 is the default because
+    Gemma-class residual streams overflow FP16 with real weights."""
 
     name = "tensorrt"
 
     def __init__(self, bundle: Bundle, precision: str = "bf16", steps: tuple[int, ...] | None = None,
-                 log=print):
+                 device: str | None = None, workspace_gb: float = WORKSPACE_GB, log=print):
         try:
             import tensorrt as trt
         except ImportError:
             raise PolicyError("tensorrt backend: the tensorrt Python package is not installed "
-                              "(pip install tensorrt; needs an NVIDIA GPU)") from None
+                              "(pip install .[gpu]; needs an NVIDIA GPU)") from None
         if not gpu_available():
             raise PolicyError("tensorrt backend: TensorRT requested but no CUDA GPU is available to this process")
         if precision not in PRECISIONS:
@@ -219,53 +214,81 @@ class TensorRTBackend(Backend):
         import torch
 
         self.trt, self.torch, self.bundle, self.log = trt, torch, bundle, log
+        self.cuda = torch.device("cuda", _cuda_index(device))
+        torch.cuda.set_device(self.cuda)
+        gpu = torch.cuda.get_device_name(self.cuda)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self.device = f"cuda ({torch.cuda.get_device_name()})"
-        self.cache = EngineCache(bundle, torch.cuda.get_device_name(), trt.__version__, precision)
-        self.precision = precision
-        self.stream = torch.cuda.Stream()
+        self.device = f"{self.cuda} ({gpu})"
+        self.gpu, self.precision, self.workspace = gpu, precision, int(workspace_gb * (1 << 30))
+        self.cache = EngineCache(cache_dir(bundle))
+        self.stream = torch.cuda.Stream(self.cuda)
         self.engines: dict = {}
-        self._engine(bundle.onnx_path("prefix"))
-        for s in steps or (bundle.config.denoise_steps,):
+        self.pinned: dict = {}
+        self.steps = tuple(sorted(set(steps or (bundle.config.denoise_steps,))))
+        self._load(bundle.onnx_path("prefix"), None)
+        for s in self.steps:
             for graph in ("cond", "cfg"):
-                self._engine(bundle.onnx_path(graph, s))
+                self._load(bundle.onnx_path(graph, s), s)
+
+    def key(self, onnx_path: Path, steps: int | None) -> EngineKey:
+        return EngineKey.of(self.bundle, onnx_path, self.trt.__version__, self.gpu, self.precision, steps)
 
     def build(self, onnx_path: Path) -> bytes:
+        """One strongly typed engine from the bundle graph (converted to the precision first)."""
         trt = self.trt
         builder = trt.Builder(self.logger)
-        network = builder.create_network(0)
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
         parser = trt.OnnxParser(network, self.logger)
-        if not parser.parse_from_file(str(onnx_path)):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise PolicyError(f"{onnx_path}: TensorRT cannot parse this graph ({errors})")
+        with tempfile.TemporaryDirectory(dir=self.cache.root, prefix=".convert-") as tmp:
+            graph = graph_for(self.bundle, onnx_path, self.precision, Path(tmp))
+            if not parser.parse_from_file(str(graph)):
+                errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+                raise PolicyError(f"{graph}: TensorRT cannot parse this graph ({errors})")
         config = builder.create_builder_config()
-        if self.precision == "fp16":
-            config.set_flag(trt.BuilderFlag.FP16)
-        elif self.precision == "bf16":
-            config.set_flag(trt.BuilderFlag.BF16)
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace)
+        timing_path = self.cache.timing_cache_path(self.gpu, trt.__version__)
+        timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
+        config.set_timing_cache(timing, ignore_mismatch=False)
         engine = builder.build_serialized_network(network, config)
         if engine is None:
             raise PolicyError(f"{onnx_path}: TensorRT engine build failed (see the TensorRT log above)")
+        self.cache.save_timing_cache(timing_path, bytes(config.get_timing_cache().serialize()))
         return bytes(engine)
 
-    def _engine(self, onnx_path: Path):
-        if onnx_path in self.engines:
-            return self.engines[onnx_path]
-        path = self.cache.lookup(onnx_path)
-        if path is None:
-            self.log(f"building TensorRT {self.precision} engine for {onnx_path.name} on {self.cache.gpu} "
-                     f"(TensorRT {self.cache.trt_version}); cached under {self.cache.dir}")
-            path = self.cache.store(onnx_path, self.build(onnx_path))
+    def _load(self, onnx_path: Path, steps: int | None):
+        """Deserialize (building when missing) one engine and bind its I/O once: device buffers for its tensors,
+        except that a denoise engine reads the KV cache straight from the prefix engine's output buffers."""
+        path = self.cache.get_or_build(self.key(onnx_path, steps), lambda: self.build(onnx_path), log=self.log)
         engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise PolicyError(f"{path}: TensorRT could not deserialize this engine; delete it to rebuild")
+        torch = self.torch
         context = engine.create_execution_context()
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        io = {n: (engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT, tuple(engine.get_tensor_shape(n)),
-                  self._dtype(engine.get_tensor_dtype(n))) for n in names}
-        self.engines[onnx_path] = (engine, context, io)
-        return self.engines[onnx_path]
+        prefix_out = self.engines[self.bundle.onnx_path("prefix")][2] if steps is not None else {}
+        inputs, outputs = {}, {}
+        for i in range(engine.num_io_tensors):
+            n = engine.get_tensor_name(i)
+            shape, dtype = tuple(engine.get_tensor_shape(n)), self._dtype(engine.get_tensor_dtype(n))
+            is_input = engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT
+            if is_input and n in prefix_out:
+                buf = prefix_out[n]
+                if tuple(buf.shape) != shape or buf.dtype != dtype:
+                    raise PolicyError(f"{path}: input {n} is {shape} {dtype} but the prefix engine writes "
+                                      f"{tuple(buf.shape)} {buf.dtype} (engines of different exports?)")
+            else:
+                buf = torch.empty(shape, dtype=dtype, device=self.cuda)
+                if is_input:
+                    inputs[n] = buf
+                    if n not in self.pinned:  # host staging in page-locked memory: asynchronous copies
+                        self.pinned[n] = torch.empty(shape, dtype=dtype, pin_memory=True)
+                else:
+                    outputs[n] = buf
+            context.set_tensor_address(n, buf.data_ptr())
+        if "actions" in outputs and "actions" not in self.pinned:
+            self.pinned["actions"] = torch.empty(outputs["actions"].shape, dtype=outputs["actions"].dtype,
+                                                 pin_memory=True)
+        self.engines[onnx_path] = (context, inputs, outputs)
 
     def _dtype(self, dt):
         trt, torch = self.trt, self.torch
@@ -273,57 +296,82 @@ class TensorRTBackend(Backend):
                  trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool, trt.uint8: torch.uint8}
         return table[dt]
 
-    def _execute(self, onnx_path: Path, tensors: dict) -> dict:
-        torch = self.torch
-        _, context, io = self._engine(onnx_path)
-        outputs = {}
-        for name, (is_input, shape, dtype) in io.items():
-            if is_input:
-                t = tensors[name]
-                if t.dtype != dtype or tuple(t.shape) != shape:
-                    raise PolicyError(f"{onnx_path.name}: input {name} is {tuple(t.shape)} {t.dtype}, engine wants "
-                                      f"{shape} {dtype}")
-                context.set_tensor_address(name, t.data_ptr())
-            else:
-                outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
-                context.set_tensor_address(name, outputs[name].data_ptr())
-        if not context.execute_async_v3(self.stream.cuda_stream):
-            raise PolicyError(f"{onnx_path.name}: TensorRT execution failed")
-        return outputs
+    def _engine(self, graph: str, steps: int | None):
+        path = self.bundle.onnx_path(graph, steps)
+        if path not in self.engines:
+            raise PolicyError(f"tensorrt backend: no engine loaded for {steps} denoise steps (loaded: "
+                              f"{list(self.steps)}); engines are built at start-up, never during inference: run "
+                              f"`recap-build-engine {self.bundle.dir} --steps {steps}` and list it in the "
+                              "backend's steps")
+        return self.engines[path]
 
     def run(self, feeds, steps, beta):
         torch = self.torch
+        pctx, pin, _ = self._engine("prefix", None)
+        dctx, din, dout = self._engine("cond" if beta is None else "cfg", steps)
         with torch.cuda.stream(self.stream):
-            x = {k: torch.from_numpy(np.ascontiguousarray(v)).to("cuda", non_blocking=True) for k, v in feeds.items()}
-            kv = self._execute(self.bundle.onnx_path("prefix"), x)
-            out = self._execute(self.bundle.onnx_path("cond" if beta is None else "cfg", steps), {**x, **kv})
-            actions = out["actions"].float().cpu()
+            for name, buf in list(pin.items()) + list(din.items()):
+                host = self.pinned[name]
+                if feeds[name].shape != tuple(host.shape):
+                    raise PolicyError(f"tensorrt backend: input {name} has shape {feeds[name].shape}, the engine "
+                                      f"wants {tuple(host.shape)}")
+                host.numpy()[...] = feeds[name]
+                buf.copy_(host, non_blocking=True)
+            if not pctx.execute_async_v3(self.stream.cuda_stream):
+                raise PolicyError("tensorrt backend: prefix engine execution failed")
+            if not dctx.execute_async_v3(self.stream.cuda_stream):  # reads the KV cache where the prefix wrote it
+                raise PolicyError(f"tensorrt backend: denoise engine ({steps} steps) execution failed")
+            out = self.pinned["actions"]
+            out.copy_(dout["actions"], non_blocking=True)
         self.stream.synchronize()
-        return actions.numpy()
+        return out.numpy().astype(np.float32)
 
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+# --------------------------------------------------------------------------------------------- choice
+BACKENDS = ("auto", "torch", *ORT_BACKENDS, "tensorrt")
+# ``auto``: the first usable of these. Native TensorRT first (strongly typed bf16 engines, KV cache in bf16 on the
+# device), then ONNX Runtime's TensorRT EP (TensorRT's kernels, fp32 graph by default), its CUDA EP, its CPU EP,
+# and torch eager last (the reference: always there).
+AUTO_ORDER = ("tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "onnxruntime", "torch")
+OPTIONS = {"torch": {"device", "threads"}, "tensorrt": {"precision", "steps", "device", "workspace_gb"},
+           **{b: {"threads", "precision", "device"} for b in ORT_BACKENDS}}
+
+
+def pick_backend(tensorrt_ok: bool, gpu_ok: bool, ort_providers: list[str] | None) -> str:
+    """The ``auto`` choice, from what this process has: the tensorrt package (+ a GPU), a CUDA GPU, and ONNX
+    Runtime's available providers (None: onnxruntime not importable)."""
+    for backend in AUTO_ORDER:
+        if backend == "tensorrt" and tensorrt_ok:
+            return backend
+        if backend in ORT_BACKENDS and ort_providers is not None and ORT_BACKENDS[backend][0] in ort_providers \
+                and (backend == "onnxruntime" or gpu_ok):
+            return backend
+    return "torch"
+
+
+def _ort_providers() -> list[str] | None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime.get_available_providers()
 
 
 def make_backend(bundle: Bundle, backend: str, **options) -> Backend:
-    """``auto``: tensorrt when tensorrt + a GPU are available, else onnxruntime, else torch."""
+    """One of :data:`BACKENDS`; ``auto`` -> :func:`pick_backend`. Options a backend does not take are an error,
+    except under ``auto`` (they are meant for the backends it did not pick)."""
     if backend not in BACKENDS:
         raise PolicyError(f"unknown policy backend '{backend}' (choose one of {', '.join(BACKENDS)})")
     requested = backend
     if backend == "auto":
-        if tensorrt_available():
-            backend = "tensorrt"
-        else:
-            try:
-                import onnxruntime  # noqa: F401
-                backend = "onnxruntime"
-            except ImportError:
-                backend = "torch"
-    allowed = {"torch": {"device", "threads"}, "onnxruntime": {"providers", "threads"},
-               "tensorrt": {"precision", "steps"}}[backend]
+        backend = pick_backend(tensorrt_available(), gpu_available(), _ort_providers())
+    allowed = OPTIONS[backend]
     extra = sorted(k for k, v in options.items() if v is not None and k not in allowed)
-    if extra and requested != "auto":  # auto: options for the backends it did not pick are ignored
+    if extra and requested != "auto":
         raise PolicyError(f"backend '{backend}' does not take options {extra} (it takes {sorted(allowed)})")
     opts = {k: v for k, v in options.items() if k in allowed and v is not None}
-    cls = {"torch": TorchBackend, "onnxruntime": OrtBackend, "tensorrt": TensorRTBackend}[backend]
-    return cls(bundle, **opts)
+    if backend == "torch":
+        return TorchBackend(bundle, **opts)
+    if backend == "tensorrt":
+        return TensorRTBackend(bundle, **opts)
+    return OrtBackend(bundle, backend, **opts)

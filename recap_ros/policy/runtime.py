@@ -143,13 +143,14 @@ class Policy:
 
 
 def load_policy(bundle: str = "tiny", backend: str = "auto", *, verify: bool | None = None, device: str | None = None,
-                providers: list[str] | None = None, precision: str | None = None, threads: int | None = None,
+                precision: str | None = None, threads: int | None = None,
                 steps: tuple[int, ...] | None = None) -> Policy:
-    """Load a bundle (name under models/ or a path) on a backend: auto | torch | onnxruntime | tensorrt.
+    """Load a bundle (name under models/ or a path) on a backend: auto | torch | onnxruntime | onnxruntime-cuda |
+    onnxruntime-trt | tensorrt (``auto``: :data:`recap_ros.policy.backends.AUTO_ORDER`).
 
-    Options: ``device`` (torch: 'cpu' / 'cuda'), ``providers`` (onnxruntime EPs), ``precision`` (tensorrt:
-    bf16 (default) | fp16 | fp32), ``steps`` (tensorrt: step counts to build engines for, default the bundle's),
-    ``threads`` (CPU threads for torch / onnxruntime). Raises PolicyError on any bundle or backend problem."""
+    Options: ``device`` ('cpu' / 'cuda' / 'cuda:N'; torch, the GPU backends), ``precision`` (tensorrt: bf16
+    (default) | fp16 | fp32; onnxruntime*: fp32 (default) | fp16 | bf16), ``steps`` (tensorrt: step counts whose
+    engines are loaded, built first when missing; default the bundle's), ``threads`` (CPU threads of torch /
+    onnxruntime). Raises PolicyError on any bundle or backend problem."""
     b = open_bundle(bundle, verify=verify)
-    return Policy(b, make_backend(b, backend, device=device, providers=providers, precision=precision,
-                                  threads=threads, steps=steps))
+    return Policy(b, make_backend(b, backend, device=device, precision=precision, threads=threads, steps=steps))
