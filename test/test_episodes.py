@@ -35,7 +35,7 @@ def test_summary_counts(tmp_path):
             read_episode(write_bag(tmp_path, 2, "unlabelled", None))]
     lines = session_summary(recs, tmp_path)
     assert lines[0] == "3 episodes: 1 success, 1 failure, 1 unlabelled (1 unfinished: recap-bag-repair)"
-    assert lines[1] == "interventions: 2 takeovers in 1 episodes, 10 human-driven ticks; 5.0 s recorded"
+    assert lines[1] == "interventions: 2 takeovers in 1 episode, 10 human-driven ticks; 5.0 s recorded"
     assert lines[2] == f"bags: {tmp_path} (sim_20260101-120000_ep0000 .. sim_20260101-120000_ep0002)"
     assert session_summary([], tmp_path) == [f"no episode recorded (bags go to {tmp_path})"]
 

@@ -70,10 +70,14 @@ def _shown(path: Path, root: Path | None) -> str:
 
 def episode_line(rec: EpisodeRecord, root: Path | None = None) -> str:
     """``episode 3  success   4.2 s  human 37 ticks (1 takeover)  'touch the red marker'  sim_..._ep0003``"""
-    human = (f"human {rec.intervention_ticks} ticks ({rec.interventions} takeover"
-             f"{'' if rec.interventions == 1 else 's'})") if rec.intervention_ticks else "autonomous"
+    human = f"human {rec.intervention_ticks} ticks ({_n(rec.interventions, 'takeover')})" \
+        if rec.intervention_ticks else "autonomous"
     return (f"episode {rec.episode:<3d} {rec.outcome:<10s} {rec.duration_s:5.1f} s  {human}  '{rec.prompt}'  "
             f"{_shown(rec.path, root)}")
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def session_summary(records: list[EpisodeRecord], root: Path) -> list[str]:
@@ -83,10 +87,11 @@ def session_summary(records: list[EpisodeRecord], root: Path) -> list[str]:
     counts = {o: sum(r.outcome == o for r in records) for o in ("success", "failure", "unlabelled")}
     done = [r for r in records if r.finished]
     helped = [r for r in records if r.intervention_ticks]
-    lines = [f"{len(records)} episode{'s' if len(records) != 1 else ''}: {counts['success']} success, "
+    lines = [f"{_n(len(records), 'episode')}: {counts['success']} success, "
              f"{counts['failure']} failure, {counts['unlabelled']} unlabelled"
              + (f" ({len(records) - len(done)} unfinished: recap-bag-repair)" if len(done) < len(records) else ""),
-             f"interventions: {sum(r.interventions for r in records)} takeovers in {len(helped)} episodes, "
+             f"interventions: {_n(sum(r.interventions for r in records), 'takeover')} in "
+             f"{_n(len(helped), 'episode')}, "
              f"{sum(r.intervention_ticks for r in records)} human-driven ticks; "
              f"{sum(r.duration_s for r in done):.1f} s recorded",
              f"bags: {root} ({_shown(records[0].path, root)} .. {_shown(records[-1].path, root)})"]
