@@ -1,4 +1,4 @@
-"""Launch the 'aloha_sim' station (MuJoCo ALOHA):  ros2 launch recap_ros aloha_sim.launch.py  (= station.launch.py station:=aloha_sim)."""
+"""Launch the 'aloha_sim' station (MuJoCo ALOHA):  ros2 launch recap_ros aloha_sim.launch.py  (= station.launch.py station:=aloha_sim; bag_dir:=DIR sets where bags go)."""
 import os
 
 from launch import LaunchDescription

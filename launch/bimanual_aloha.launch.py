@@ -1,4 +1,4 @@
-"""Launch the 'bimanual_aloha' station:  ros2 launch recap_ros bimanual_aloha.launch.py  (same as station.launch.py station:=bimanual_aloha)."""
+"""Launch the 'bimanual_aloha' station:  ros2 launch recap_ros bimanual_aloha.launch.py  (same as station.launch.py station:=bimanual_aloha; bag_dir:=DIR sets where bags go)."""
 import os
 
 from launch import LaunchDescription

@@ -1,4 +1,4 @@
-"""Launch the 'sim' station:  ros2 launch recap_ros sim.launch.py  (same as station.launch.py station:=sim)."""
+"""Launch the 'sim' station:  ros2 launch recap_ros sim.launch.py  (same as station.launch.py station:=sim; bag_dir:=DIR sets where bags go)."""
 import os
 
 from launch import LaunchDescription
