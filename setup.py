@@ -8,7 +8,7 @@ from setuptools import find_packages, setup
 PACKAGE = "recap_ros"
 
 NODES = ["sim_robot", "aloha_sim", "scripted_corrector", "camera_ingest", "policy_server", "cfg_guidance",
-         "teleop_mux", "episode_recorder"]
+         "teleop_mux", "episode_recorder", "value_monitor"]
 CLIS = {
     "recap-station": "recap_ros.runner:main",
     "recap-build-engine": "recap_ros.policy.cli:build_engine_main",

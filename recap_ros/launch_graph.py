@@ -93,6 +93,8 @@ def node_specs(station: Station, overrides: dict[str, dict[str, Any]] | None = N
         NodeSpec("episode_recorder", "episode_recorder", ns,
                  {**base, "output_dir": str(bags)} if bags is not None else dict(base)),
     ]
+    if station.value_monitor is not None:
+        specs.append(NodeSpec("value_monitor", "value_monitor", ns, dict(base)))
     if overrides:
         unknown = set(overrides) - {s.name for s in specs}
         if unknown:

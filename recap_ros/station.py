@@ -201,6 +201,19 @@ class Sim:
 
 
 @dataclass(frozen=True)
+class ValueMonitor:
+    """The value_monitor node (section ``value_monitor:``; absent or ``enabled: false``: not run)."""
+    bundle: str          # value bundle name (models/<name>) or directory
+    rate_hz: float       # V evaluations per second
+    max_len: int         # the task's maximum episode length in control ticks (steps to go = -V * max_len)
+    drop: float          # alert when V falls by more than this ...
+    window_s: float      # ... within this many seconds
+    value_topic: str     # sensor_msgs/JointState: name ["value", "steps_to_go"], position [V, steps]
+    alert_topic: str     # std_msgs/String, one per alert
+    threads: int         # torch CPU threads of the monitor (0: torch's default)
+
+
+@dataclass(frozen=True)
 class Station:
     file: str
     name: str
@@ -213,6 +226,7 @@ class Station:
     recorder: Recorder
     sim: Sim | None
     raw: dict = field(repr=False, compare=False, default_factory=dict)
+    value_monitor: ValueMonitor | None = None
 
     @property
     def is_sim(self) -> bool:
@@ -245,6 +259,9 @@ class Station:
             (self.episode_topic, "std_msgs/msg/String"),
             ("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray"),
         ]
+        if self.value_monitor is not None:
+            topics += [(self.value_monitor.value_topic, "sensor_msgs/msg/JointState"),
+                       (self.value_monitor.alert_topic, "std_msgs/msg/String")]
         topics += list(self.recorder.extra_topics)
         seen: dict[str, str] = {}
         for t, ty in topics:
@@ -528,6 +545,22 @@ def _sim_tasks(r: _Reader) -> tuple[str, ...]:
     return tuple(tasks)
 
 
+def _value_monitor(r: _Reader, robot: Robot, sim: Sim | None) -> ValueMonitor | None:
+    """``enabled: false`` keeps the section (checked) but runs no monitor; absent: ``{enabled: false}``."""
+    enabled = r.bool("enabled", True)
+    if not enabled and set(r.data) == {"enabled"}:
+        return None
+    default_len = round(sim.episode_timeout_s * robot.control_rate_hz) if sim is not None else None
+    monitor = ValueMonitor(bundle=r.str("bundle"), rate_hz=r.num("rate_hz", 5.0, lo=0.0, lo_open=True, hi=50.0),
+                           max_len=r.num("max_len", default_len, lo=1, integer=True),
+                           drop=r.num("drop", 0.15, lo=0.0, lo_open=True, hi=1.0),
+                           window_s=r.num("window_s", 2.0, lo=0.0, lo_open=True),
+                           value_topic=r.topic("value_topic", "/value"),
+                           alert_topic=r.topic("alert_topic", "/value/alert"),
+                           threads=r.num("threads", 1, lo=0, integer=True))
+    return monitor if enabled else None
+
+
 def parse_station(data: Any, file: str = "<station>") -> Station:
     """Validate a parsed YAML mapping; raises StationConfigError naming file, key and value (for a key the
     schema does not have: the closest valid key)."""
@@ -556,7 +589,9 @@ def parse_station(data: Any, file: str = "<station>") -> Station:
         namespace=root.str("namespace", "", pattern=re.compile(r"^(/?[A-Za-z][A-Za-z0-9_]*)?$")),
         episode_topic=root.topic("episode_topic", "/episode/events"),
         robot=robot, cameras=tuple(cams), policy=policy, mux=_mux(root.sub("mux"), policy.command_topic),
-        recorder=_recorder(root.sub("recorder", {})), sim=sim if rtype == "sim" else None, raw=data)
+        recorder=_recorder(root.sub("recorder", {})), sim=sim if rtype == "sim" else None, raw=data,
+        value_monitor=_value_monitor(root.sub("value_monitor", {"enabled": False}), robot,
+                                     sim if rtype == "sim" else None))
     if rtype == "sim" and sim.corrector:
         human = [i.name for i in station.mux.inputs if i.human and i.name != station.mux.override_input]
         if sim.corrector_input not in human:

@@ -15,7 +15,7 @@ def test_sim_graph():
     specs = launch_graph.node_specs(load_station("sim"))
     names = [s.name for s in specs]
     assert names == ["sim_robot", "scripted_corrector", "policy_server", "cfg_guidance", "teleop_mux",
-                     "episode_recorder"]
+                     "episode_recorder", "value_monitor"]
     assert all(s.parameters["station"] == str(paths.station_file("sim")) for s in specs)
     assert not any(s.executable == "camera_ingest" for s in specs)  # sim renders its own cameras
 

@@ -125,7 +125,7 @@ def test_parse_is_pure(sim_data):
     (("robot",), "control_rate_hs", 50, "robot.control_rate_hs: unknown key; did you mean 'control_rate_hz'? "
                                          "(got 50)"),
     ((), "operator", "ana", "operator: unknown key; valid keys: cameras, episode_topic, mux, name, namespace, "
-                            "policy, recorder, robot, sim (got 'ana')"),
+                            "policy, recorder, robot, sim, value_monitor (got 'ana')"),
     (("robot", "joints", 3), "max_vel", 1.0,
      "robot.joints[3].max_vel: unknown key; did you mean 'max_velocity'? (got 1.0)"),
     (("cameras", 2), "jpeg_qualty", 90, "cameras[2].jpeg_qualty: unknown key; did you mean 'jpeg_quality'? (got 90)"),
