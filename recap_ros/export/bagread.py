@@ -44,6 +44,7 @@ class EpisodeBag:
     policy: Stream | None              # (n, J) the policy's command
     intervention: Stream | None        # (n,) bool
     active_source: Stream | None       # (n,) str
+    value: Stream | None = None        # (n,) V of the value monitor, stamped with its observation time
     events: list[dict] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # things worth telling the user (not errors)
@@ -161,6 +162,9 @@ def _read(reader: Reader, path: Path, station: Station) -> EpisodeBag:
     wanted = set(cam_topics) | {station.robot.joint_states_topic, station.robot.command_topic, policy_topic,
                                 station.mux.intervention_topic, station.mux.active_topic,
                                 station.policy.prompt_topic, station.episode_topic}
+    value_topic = station.value_monitor.value_topic if station.value_monitor is not None else None
+    if value_topic is not None:
+        wanted.add(value_topic)
     conns = [c for t, c in by_topic.items() if t in wanted]
     cams: dict[str, tuple[list, list]] = {n: ([], []) for n in cam_topics.values()}
     series: dict[str, tuple[list, list]] = {t: ([], []) for t in wanted - set(cam_topics)}
@@ -187,6 +191,11 @@ def _read(reader: Reader, path: Path, station: Station) -> EpisodeBag:
             continue
         if topic == station.policy.prompt_topic:
             prompts.append(msg.data)
+            continue
+        if topic == value_topic:  # JointState name ["value", "steps_to_go"] (nodes/value_monitor.py)
+            if "value" in msg.name and len(msg.position) == len(msg.name):
+                vals.append(float(msg.position[list(msg.name).index("value")]))
+                st.append(_stamp(msg))
             continue
         if topic in (station.robot.joint_states_topic, station.robot.command_topic, policy_topic):
             try:
@@ -247,4 +256,5 @@ def _read(reader: Reader, path: Path, station: Station) -> EpisodeBag:
                      f"from {station.mux.intervention_topic} / {station.mux.active_topic} instead")
     return EpisodeBag(path=path, custom=custom, start_ns=start, end_ns=end, cameras=cameras, joints=joints,
                       command=command, command_source=command_source, policy=stream(policy_topic, np.float64), intervention=intervention,
-                      active_source=stream(station.mux.active_topic), events=events, prompts=prompts, notes=notes)
+                      active_source=stream(station.mux.active_topic), events=events, prompts=prompts, notes=notes,
+                      value=stream(value_topic, np.float64) if value_topic is not None else None)

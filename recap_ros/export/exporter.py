@@ -14,7 +14,7 @@ import numpy as np
 
 from recap_ros import imaging
 from recap_ros.dataset.writer import EpisodeData, LeRobotWriter, VideoOptions, vector_feature, video_feature
-from recap_ros.export.align import NS, Aligned, Tolerances, align_episode, segments
+from recap_ros.export.align import NS, Aligned, Stream, Tolerances, align_episode, latest, segments
 from recap_ros.export.bagread import GAPS, UNLABELLED, EpisodeBag, ExportError, read_episode_bag
 from recap_ros.recap import returns
 from recap_ros.recording import bag as rbag
@@ -22,6 +22,8 @@ from recap_ros.station import Station
 
 IMAGE_KEY = "observation.images.{role}"
 SOURCE_BAG = "recap/source_bag"
+MONITOR_VALUE = "monitor.value"  # the live value monitor's V per frame (NaN: none within VALUE_MAX_AGE_S)
+VALUE_MAX_AGE_S = 1.0
 NORMALISATION = "normalisation"  # BagResult kind: the task's M / C_fail differ from those the dataset stores
 ON_GAP = ("split", "skip")
 
@@ -75,7 +77,21 @@ def dataset_features(station: Station) -> dict:
         "return_bin": vector_feature("int64", None, 1),
         "episode_success": vector_feature("bool", None, 1),
     })
+    if station.value_monitor is not None:
+        feats[MONITOR_VALUE] = vector_feature("float32", None, 1)
     return feats
+
+
+def monitor_values(value: Stream | None, ticks: np.ndarray) -> np.ndarray:
+    """The live monitor's V at each tick: its newest value whose observation time is at or before the tick,
+    NaN where there is none or it is older than VALUE_MAX_AGE_S (the monitor was not running)."""
+    out = np.full(len(ticks), np.nan, np.float32)
+    if value is None:
+        return out
+    idx, age = latest(value, ticks)
+    ok = age <= VALUE_MAX_AGE_S
+    out[ok] = np.asarray(value.values, np.float64)[idx[ok]]
+    return out
 
 
 def open_writer(root: str | Path, station: Station, cfg: ExportConfig) -> LeRobotWriter:
@@ -177,6 +193,7 @@ def export_bag(writer: LeRobotWriter, bag_path: str | Path, station: Station, cf
         return BagResult(name, "skipped", kind=GAPS, message=f"{bag_path}: no segment of at least {cfg.min_segment_s:.2f} s "
                          f"without gaps: {'; '.join(notes)}", duration_s=duration)
     cam_of_role = {c.role: c.name for c in station.cameras}
+    values = monitor_values(ep.value, al.ticks) if station.value_monitor is not None else None
     result = BagResult(name, "exported", "; ".join(notes), duration_s=duration)
     for s_i, (lo, hi) in enumerate(segs):
         n = hi - lo
@@ -187,6 +204,8 @@ def export_bag(writer: LeRobotWriter, bag_path: str | Path, station: Station, cf
             "return_normalized": labels["return_normalized"][lo:hi], "return_bin": labels["return_bin"][lo:hi],
             "episode_success": np.full(n, success),
         }
+        if values is not None:
+            cols[MONITOR_VALUE] = values[lo:hi]
         videos = {IMAGE_KEY.format(role=role): (lambda cam=cam, lo=lo, hi=hi: _frames(
             ep, station, cam, al.camera_index[cam][lo:hi])) for role, cam in cam_of_role.items()}
         extra = {SOURCE_BAG: name, "recap/segment": s_i, "recap/segments": len(segs), "recap/success": success,

@@ -50,8 +50,15 @@ class SynthEpisode:
     end_event: bool = True
     image_size: tuple[int, int] | None = None  # (h, w); None: the camera's output size
     textured: bool = False                 # textured images (realistic encode/decode cost), not flat colour
+    value_hz: float = 0.0                  # > 0: the value monitor's /value at this rate (V = monitor_value(t))
+    value_until_s: float | None = None     # no /value after this time (a monitor that stopped)
     malformed_policy_ticks: tuple[int, ...] = ()  # ticks whose policy command lacks its last joint (the mux
     #                                                refuses such a message: it never reaches the robot)
+
+
+def monitor_value(t: float) -> float:
+    """The synthetic episode's value monitor output at t seconds from the start."""
+    return -0.5 - 0.25 * t
 
 
 def _header(T, stamp_ns: int, frame_id: str = ""):
@@ -124,6 +131,15 @@ def write_episode_bag(out_dir: str | Path, station: Station, spec: SynthEpisode,
             T["sensor_msgs/msg/JointState"](header=_header(T, cstamp - 1_000_000), name=list(names)[:keep],
                                             position=(joint_value(j, t) + POLICY_OFFSET)[:keep],
                                             velocity=np.zeros(0), effort=np.zeros(0)))
+    mon = station.value_monitor
+    if spec.value_hz > 0 and mon is not None:
+        last = dur if spec.value_until_s is None else spec.value_until_s
+        for i in range(int(last * spec.value_hz) + 1):
+            t = i / spec.value_hz
+            v = monitor_value(t)
+            put(mon.value_topic, t0 + int(t * NS) + 30_000_000, T["sensor_msgs/msg/JointState"](
+                header=_header(T, t0 + int(t * NS)), name=["value", "steps_to_go"],
+                position=np.array([v, -v * mon.max_len]), velocity=np.zeros(0), effort=np.zeros(0)))
     # latched mux state: initial value, then on every change
     changes = sorted({0.0, *[a for a, _ in spec.interventions], *[b for _, b in spec.interventions]})
     human_input = next(i.name for i in station.mux.inputs if i.human)
