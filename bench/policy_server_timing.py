@@ -153,6 +153,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="inference CPU threads (0: backend default)")
     ap.add_argument("--beta", type=float, default=None, help="cfg_guidance β (default: the station's)")
     ap.add_argument("--no-recorder", action="store_true")
+    ap.add_argument("--value-monitor", action="store_true",
+                    help="also run the station's value_monitor (its own process): does it cost the 50 Hz stream?")
     ap.add_argument("--server-param", action="append", default=[], metavar="NAME=VALUE",
                     help="extra policy_server parameter (YAML value), e.g. ros_priority=0")
     args = ap.parse_args(argv)
@@ -169,8 +171,9 @@ def main(argv=None) -> int:
     overrides = {"policy_server": server, "episode_recorder": {"output_dir": str(Path(tmp.name) / "bags")}}
     if args.beta is not None:
         overrides["cfg_guidance"] = {"beta": args.beta}
-    wanted = {"sim_robot", "teleop_mux", "cfg_guidance", "policy_server"} | (set() if args.no_recorder
-                                                                               else {"episode_recorder"})
+    wanted = ({"sim_robot", "teleop_mux", "cfg_guidance", "policy_server"}
+              | (set() if args.no_recorder else {"episode_recorder"})
+              | ({"value_monitor"} if args.value_monitor else set()))
     specs = [s for s in launch_graph.node_specs(station, overrides) if s.name in wanted]
     print(f"station '{station.name}': starting {[s.name for s in specs]}", flush=True)
 
