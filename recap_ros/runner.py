@@ -80,8 +80,10 @@ def _say(text: str, err: bool = False) -> None:
 
 
 class Station:
-    def __init__(self, specs: list[launch_graph.NodeSpec], workdir: Path, grace_s: float = 5.0):
+    def __init__(self, specs: list[launch_graph.NodeSpec], workdir: Path, grace_s: float = 5.0,
+                 log_level: str = ""):
         self.specs, self.workdir, self.grace_s = specs, workdir, grace_s
+        self.log_args = ["--log-level", log_level] if log_level else []
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self) -> None:
@@ -91,7 +93,7 @@ class Station:
         for spec in self.specs:
             params = self.workdir / f"{spec.name}.params.yaml"
             params.write_text(yaml.safe_dump(spec.params_yaml(), sort_keys=False))
-            cmd = [sys.executable, "-m", spec.module, *spec.ros_args(str(params))]
+            cmd = [sys.executable, "-m", spec.module, *spec.ros_args(str(params)), *self.log_args]
             self.procs[spec.name] = subprocess.Popen(cmd, env=env, start_new_session=True,
                                                      preexec_fn=functools.partial(_die_with_parent, os.getpid()))
             _say(f"[recap-station] started {spec.name} (pid {self.procs[spec.name].pid})")
@@ -126,6 +128,7 @@ class Station:
         return {name: p.returncode for name, p in self.procs.items()}
 
 
+LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
 EPISODE_POLL_S = 0.5  # how often the runner looks for finished episode bags
 
 
@@ -146,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", action="append", default=[], metavar="NODE", help="start only these nodes")
     ap.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: until Ctrl-C)")
     ap.add_argument("--grace", type=float, default=5.0, help="seconds a node gets to exit after SIGINT")
+    ap.add_argument("--log-level", choices=LOG_LEVELS, default="",
+                    help="the nodes' ROS log level (default: info); warn shows the episode lines, the summary and "
+                         "what needs attention")
     ap.add_argument("--list", action="store_true", help="print the node list and exit")
     args = ap.parse_args(argv)
     overrides = _parse_overrides(args.set)
@@ -171,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopRequest()
     stop.install()
     with tempfile.TemporaryDirectory(prefix="recap-station-") as tmp:
-        runner = Station(specs, Path(tmp), args.grace)
+        runner = Station(specs, Path(tmp), args.grace, args.log_level)
         _say(f"[recap-station] station '{station.name}' from {station.file}: {len(specs)} nodes")
         recording = any(s.name == "episode_recorder" for s in specs)
         watcher = EpisodeWatcher(bags, station.name) if recording else None
