@@ -13,9 +13,11 @@ TOP = sorted(p.stem if p.is_file() else p.name for p in ROOT.iterdir()
 # subpackage -> recap_ros subpackages / modules it must not import
 FORBIDDEN = {
     "dataset": set(TOP) - {"dataset"},
-    "recap": {"export", "nodes", "runner", "launch_graph"},
-    "policy": {"export", "recap", "nodes", "runner", "launch_graph"},
-    "export": {"nodes", "runner", "launch_graph"},
+    "recap": {"export", "nodes", "runner", "launch_graph", "report"},
+    "policy": {"export", "recap", "nodes", "runner", "launch_graph", "report"},
+    "export": {"nodes", "runner", "launch_graph", "report"},
+    "recording": {"export", "recap", "policy", "nodes", "runner", "launch_graph", "report"},
+    "report": {"nodes", "runner", "launch_graph"},  # reads what was recorded; never part of a station
 }
 
 
