@@ -119,21 +119,26 @@ class GeGLU(nn.Module):
 
 
 class Attention(nn.Module):
-    """Q/K/V/O projections of one decoder layer (GQA geometry shared by backbone and expert)."""
+    """Q/K/V/O projections of one decoder layer (GQA geometry shared by backbone and expert). ``qk_norm``
+    (Gemma 3): an RMSNorm over each query and key head before RoPE."""
 
-    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int):
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool = False):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.q = nn.Linear(dim, heads * head_dim, bias=False)
         self.k = nn.Linear(dim, kv_heads * head_dim, bias=False)
         self.v = nn.Linear(dim, kv_heads * head_dim, bias=False)
         self.o = nn.Linear(heads * head_dim, dim, bias=False)
+        self.q_norm = RMSNorm(head_dim) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim) if qk_norm else None
 
     def qkv(self, x, rot):
         b, s, _ = x.shape
         q = self.q(x).reshape(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = self.k(x).reshape(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).reshape(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         return rope(q, rot), rope(k, rot), v
 
     def out(self, attn):
@@ -142,16 +147,20 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm decoder layer. With ``cond_dim`` its norms are adaptive (adaRMS) and residuals gated."""
+    """Pre-norm decoder layer. With ``cond_dim`` its norms are adaptive (adaRMS) and residuals gated; with
+    ``sandwich`` (Gemma 3) the attention and MLP outputs are RMS-normalised too before they join the residual."""
 
-    def __init__(self, dim: int, mlp_dim: int, heads: int, kv_heads: int, head_dim: int, cond_dim: int = 0):
+    def __init__(self, dim: int, mlp_dim: int, heads: int, kv_heads: int, head_dim: int, cond_dim: int = 0,
+                 qk_norm: bool = False, sandwich: bool = False):
         super().__init__()
-        self.attn = Attention(dim, heads, kv_heads, head_dim)
+        self.attn = Attention(dim, heads, kv_heads, head_dim, qk_norm)
         self.mlp = GeGLU(dim, mlp_dim)
         if cond_dim:
             self.norm1, self.norm2 = AdaRMSNorm(dim, cond_dim), AdaRMSNorm(dim, cond_dim)
         else:
             self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
+        self.post_norm1 = RMSNorm(dim) if sandwich else None
+        self.post_norm2 = RMSNorm(dim) if sandwich else None
 
     def _norm(self, norm, x, cond):
         if cond is None:
@@ -163,9 +172,13 @@ class DecoderLayer(nn.Module):
         h, gate = self._norm(self.norm1, x, cond)
         q, k, v = self.attn.qkv(h, rot)
         a = self.attn.out(attend(q, k, v, bias, past_kv))
+        if self.post_norm1 is not None:
+            a = self.post_norm1(a)
         x = x + (a if gate is None else a * gate)
         h, gate = self._norm(self.norm2, x, cond)
         m = self.mlp(h)
+        if self.post_norm2 is not None:
+            m = self.post_norm2(m)
         return x + (m if gate is None else m * gate), k, v
 
 
@@ -199,7 +212,9 @@ class VisionEncoder(nn.Module):
         self.blocks = nn.ModuleList(ViTBlock(cfg.vision_width, cfg.vision_heads, cfg.vision_mlp)
                                     for _ in range(cfg.vision_depth))
         self.ln = nn.LayerNorm(cfg.vision_width, eps=1e-6)
-        self.proj = nn.Linear(cfg.vision_width, out_dim)
+        gemma3 = cfg.vision_projector == "gemma3"
+        self.proj_norm = RMSNorm(cfg.vision_width) if gemma3 else None  # Gemma 3's soft-embedding norm
+        self.proj = nn.Linear(cfg.vision_width, out_dim, bias=not gemma3)
 
     def forward(self, img):
         x = self.patch(img)  # (N, C, g, g)
@@ -211,7 +226,8 @@ class VisionEncoder(nn.Module):
         k = self.grid // self.side
         if k > 1:
             x = F.avg_pool2d(x, k)
-        return self.proj(x.flatten(2).transpose(1, 2))
+        x = x.flatten(2).transpose(1, 2)
+        return self.proj(x if self.proj_norm is None else self.proj_norm(x))
 
 
 KEYPOINT_TEMPERATURE = 3.0  # initial softmax temperature per standard deviation of a heatmap (learned)
@@ -286,6 +302,54 @@ def _inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     return theta ** (-torch.arange(0, head_dim // 2, dtype=torch.float32) / (head_dim // 2))
 
 
+def decoder_stack(cfg: PolicyConfig, dim: int, mlp_dim: int, cond_dim: int = 0) -> nn.ModuleList:
+    """``cfg.depth`` decoder layers of width ``dim`` with the config's attention geometry and Gemma 3 options."""
+    return nn.ModuleList(DecoderLayer(dim, mlp_dim, cfg.heads, cfg.kv_heads, cfg.head_dim, cond_dim, cfg.qk_norm,
+                                      cfg.sandwich_norm) for _ in range(cfg.depth))
+
+
+class LayerTypes(nn.Module):
+    """Per layer type (0 global, 1 local), the attention bias and RoPE tables of one segment of queries.
+
+    Global layers: RoPE base ``rope_theta`` with positions divided by ``rope_scale`` (Gemma 3's linear scaling);
+    local layers (Gemma 3's 5 of every 6): base ``rope_local_theta`` and, with ``sliding_window``, only keys whose
+    position differs from the query's by less than the window (a bidirectional window in the prefix, HF
+    Gemma 3's rule ``q - window < k <= q`` for causal queries). Without ``global_every`` every layer is global."""
+
+    def __init__(self, cfg: PolicyConfig):
+        super().__init__()
+        self.window = cfg.sliding_window
+        self.local = [cfg.layer_is_local(i) for i in range(cfg.depth)]
+        self.register_buffer("inv_freq", _inv_freq(cfg.head_dim, cfg.rope_theta) / cfg.rope_scale, persistent=False)
+        self.register_buffer("inv_freq_local", _inv_freq(cfg.head_dim, cfg.rope_local_theta), persistent=False)
+
+    def contexts(self, allowed, q_pos, k_pos):
+        """allowed (B, S, L) bool, q_pos (B, S), k_pos (B, L) float -> [(bias, rot) global, (bias, rot) local]."""
+        ctx = [(mask_bias(allowed), rotary(q_pos, self.inv_freq))]
+        if any(self.local):
+            if self.window:
+                near = (q_pos[:, :, None] - k_pos[:, None, :]).abs() < self.window
+                allowed = allowed & near
+            ctx.append((mask_bias(allowed), rotary(q_pos, self.inv_freq_local)))
+        return ctx
+
+    def run(self, layers, x, ctx, cond=None, past=None):
+        """x through ``layers`` with each layer's context; ``past`` = (keys, values) stacked per layer.
+        Returns x and the per-layer keys and values of this segment."""
+        keys, values = [], []
+        for i, layer in enumerate(layers):
+            rot_bias = ctx[1 if self.local[i] else 0]
+            x, k, v = layer(x, rot_bias[1], rot_bias[0], cond, None if past is None else (past[0][i], past[1][i]))
+            keys.append(k)
+            values.append(v)
+        return x, keys, values
+
+
+def prefix_positions(kv_mask):
+    """RoPE positions of the prefix tokens: the number of valid tokens before each (float math: TensorRT-friendly)."""
+    return (torch.cumsum(kv_mask.float(), 1) - 1.0).clamp(min=0.0)
+
+
 def images_to_float(images: torch.Tensor) -> torch.Tensor:
     """(B, N, H, W, 3) uint8 [0, 255] or float [0, 1] -> (B, N, 3, H, W) float32 in [-1, 1]."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
@@ -306,10 +370,9 @@ class PrefixEncoder(nn.Module):
         # larger, so attention updates could barely change them.)
         nn.init.normal_(self.embed.weight, std=cfg.width ** -0.5)
         self.state_proj = nn.Linear(cfg.state_dim, cfg.width) if cfg.state_input == "prefix" else None
-        self.layers = nn.ModuleList(DecoderLayer(cfg.width, cfg.mlp_dim, cfg.heads, cfg.kv_heads, cfg.head_dim)
-                                    for _ in range(cfg.depth))
+        self.layers = decoder_stack(cfg, cfg.width, cfg.mlp_dim)
         self.norm = RMSNorm(cfg.width)
-        self.register_buffer("inv_freq", _inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+        self.types = LayerTypes(cfg)
         # blocks: prefix = 0, advantage segment = 1; j is visible to i iff valid[j] and block[j] <= block[i].
         # Every token also sees itself, so padded rows never have an empty softmax.
         seq = cfg.prefix_len
@@ -344,14 +407,9 @@ class PrefixEncoder(nn.Module):
         valid.append(adv_mask)
         x = torch.cat(parts, 1)
         kv_mask = torch.cat(valid, 1)
-        bias = mask_bias((kv_mask[:, None, :] & self.block_allowed[None]) | self.self_allowed[None])
-        pos = (torch.cumsum(kv_mask.float(), 1) - 1.0).clamp(min=0.0)  # float math: TensorRT-friendly
-        rot = rotary(pos, self.inv_freq)
-        keys, values = [], []
-        for layer in self.layers:
-            x, k, v = layer(x, rot, bias)
-            keys.append(k)
-            values.append(v)
+        allowed = (kv_mask[:, None, :] & self.block_allowed[None]) | self.self_allowed[None]
+        pos = prefix_positions(kv_mask)
+        x, keys, values = self.types.run(self.layers, x, self.types.contexts(allowed, pos, pos))
         return torch.stack(keys), torch.stack(values), kv_mask, self.norm(x)
 
 
@@ -379,11 +437,9 @@ class ActionExpert(nn.Module):
             self.time_in, self.time_out = nn.Linear(we, we), nn.Linear(we, we)
         else:
             self.time_in, self.time_out = nn.Linear(2 * we, we), nn.Linear(we, we)
-        self.layers = nn.ModuleList(
-            DecoderLayer(we, cfg.expert_mlp_dim, cfg.heads, cfg.kv_heads, cfg.head_dim, we if adarms else 0)
-            for _ in range(cfg.depth))
+        self.layers = decoder_stack(cfg, we, cfg.expert_mlp_dim, we if adarms else 0)
         self.norm = AdaRMSNorm(we, we) if adarms else RMSNorm(we)
-        self.register_buffer("inv_freq", _inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+        self.types = LayerTypes(cfg)
         n_state = 1 if self.state_proj is not None else 0
         s = n_state + cfg.chunk_len
         # suffix blocks (π0): the state token sees the prefix and itself; action tokens see everything before
@@ -392,12 +448,13 @@ class ActionExpert(nn.Module):
         self.register_buffer("suffix_allowed", block[None, :] <= block[:, None], persistent=False)
 
     def attention_context(self, kv_mask):
-        """(mask bias, rotary tables) of the suffix for a prefix validity mask; constant over the denoise steps."""
+        """Per layer type, (mask bias, rotary tables) of the suffix for a prefix validity mask; constant over the
+        denoise steps."""
         b, s = kv_mask.shape[0], self.suffix_allowed.shape[0]
         allowed = torch.cat([kv_mask[:, None, :].expand(b, s, kv_mask.shape[1]),
                              self.suffix_allowed[None].expand(b, s, s)], 2)
         pos = kv_mask.float().sum(1, keepdim=True) + torch.arange(s, device=kv_mask.device, dtype=torch.float32)[None]
-        return mask_bias(allowed), rotary(pos, self.inv_freq)
+        return self.types.contexts(allowed, pos, torch.cat([prefix_positions(kv_mask), pos], 1))
 
     def forward(self, keys, values, kv_mask, x_t, t, state=None, context=None):
         """keys/values (depth, B, kv_heads, L, hd); kv_mask (B, L) bool; x_t (B, H, A); t (B,); state (B, D).
@@ -413,9 +470,8 @@ class ActionExpert(nn.Module):
             act = self.time_out(F.silu(self.time_in(torch.cat([act, te], -1))))
             cond = None
         x = act if self.state_proj is None else torch.cat([self.state_proj(state)[:, None], act], 1)
-        bias, rot = context if context is not None else self.attention_context(kv_mask)
-        for i, layer in enumerate(self.layers):
-            x, _, _ = layer(x, rot, bias, cond, (keys[i], values[i]))
+        ctx = context if context is not None else self.attention_context(kv_mask)
+        x, _, _ = self.types.run(self.layers, x, ctx, cond, (keys, values))
         x = self.norm(x) if cond is None else self.norm(x, cond)[0]
         return self.action_out(x[:, -cfg.chunk_len:])
 
