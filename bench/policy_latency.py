@@ -1,19 +1,25 @@
-"""Policy latency: ms per action chunk per backend, ONNX Runtime vs torch eager, and the CFG overhead.
+"""Policy latency: ms per action chunk per backend, with (β = 2, batched) and without (β = 1) CFG.
 
-CPU (default): the committed ``tiny`` bundle on torch and onnxruntime, β = 1 (conditional only) and β = 2
-(batched CFG). Prints the median ms per chunk, the ORT speed-up over torch eager (goal ≥ 3×) and the CFG
-overhead vs β = 1 (goal ≤ 10 % when batched on a GPU; on a CPU the second branch is compute-bound).
+CPU (default): the committed ``tiny`` bundle on torch eager and onnxruntime with the SAME thread count
+(``--threads``, default 1: a station's policy server shares 2 cores with cameras, mux and recorder). Prints the
+machine load (1-min load average before and after), the median ms per chunk (``Policy.infer`` end to end: host
+preprocessing + backend), the ONNX Runtime speed-up over torch eager (goal ≥ 3×) and the CFG overhead (goal
+≤ 10 %), all measured in one run, round-robin.
 
-GPU (``--gpu``): a random-weight ``pi06`` bundle (3 × 448² views, 5 steps, β = 2) through TensorRT; prints the
-ms per chunk and the device (goal ≤ 25 ms on an H100). The bundle is written to ``--workdir`` (≈ 35 GB: bf16
-safetensors + fp32 ONNX) and its engines are cached there, so a second run skips export and build.
+GPU (``--gpu``): the device name, then for ``tiny`` and a random-weight ``pi06`` (3 × 448² views, 5 steps) every
+GPU backend this machine has: tensorrt (``--precision``, default bf16), onnxruntime-trt, onnxruntime-cuda and
+torch (cuda, fp32), β = 1 and β = 2 (goal for pi06 β = 2 on an H100: ≤ 25 ms; CFG overhead ≤ 10 %). A backend
+that cannot load here is listed with its reason. The pi06 bundle (bf16 safetensors + fp32 ONNX, ≈ 35 GB) and its
+engines are written to ``--workdir`` once; when no ONNX backend is available only torch runs, on the model
+itself (no bundle, no export; model-level timing without host preprocessing).
 
     python bench/policy_latency.py --duration 5
-    python bench/policy_latency.py --gpu --workdir /tmp/pi06 --precision bf16
+    python bench/policy_latency.py --gpu --workdir /tmp/recap_pi06_bench --presets tiny pi06
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -22,11 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from recap_ros.policy import load_policy
+from recap_ros.policy.errors import PolicyError
 
 PROMPT = "touch the red marker with the left gripper"
+GPU_BACKENDS = ("tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "torch")
 
 
-def measure(configs: dict, duration: float, min_iters: int = 5, steps: int | None = None) -> dict:
+def measure(configs: dict, duration: float, min_iters: int = 5) -> dict:
     """configs: {label: (policy, beta)}. Round-robin over the configurations (one chunk each per round) so that
     load changes on a shared machine hit every configuration alike; returns {label: [ms, ...]}."""
     rng = np.random.default_rng(0)
@@ -34,25 +42,32 @@ def measure(configs: dict, duration: float, min_iters: int = 5, steps: int | Non
     for label, (pol, beta) in configs.items():
         views = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in pol.info.camera_roles]
         inputs[label] = (views, np.zeros(pol.info.state_dim))
-        for i in range(2):  # warm-up (lazy session / engine creation)
-            pol.infer(*inputs[label], PROMPT, beta=beta, seed=i, steps=steps)
+        for i in range(3):  # warm-up (lazy allocations, autotuning)
+            pol.infer(*inputs[label], PROMPT, beta=beta, seed=i)
     times = {label: [] for label in configs}
     t_end = time.perf_counter() + duration * len(configs)
     while min(len(t) for t in times.values()) < min_iters or time.perf_counter() < t_end:
         for label, (pol, beta) in configs.items():
             t0 = time.perf_counter()
-            pol.infer(*inputs[label], PROMPT, beta=beta, seed=len(times[label]), steps=steps)
+            pol.infer(*inputs[label], PROMPT, beta=beta, seed=len(times[label]))
             times[label].append((time.perf_counter() - t0) * 1e3)
     return times
 
 
 def report(name: str, times: list[float]) -> float:
     med = statistics.median(times)
-    print(f"  {name:34s} median {med:8.2f} ms  p90 {np.percentile(times, 90):8.2f} ms  (n={len(times)})")
+    print(f"  {name:40s} median {med:8.2f} ms  p90 {np.percentile(times, 90):8.2f} ms  (n={len(times)})")
     return med
 
 
+def cfg_line(name: str, med: dict) -> None:
+    print(f"  {name}: CFG (beta=2, batched) overhead vs beta=1: {100 * (med[2.0] / med[1.0] - 1):+.0f} % "
+          "(goal <= 10 %)")
+
+
 def cpu(args) -> None:
+    print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; threads per backend: "
+          f"{args.threads}")
     configs = {}
     for backend in ("torch", "onnxruntime"):
         pol = load_policy(args.bundle, backend=backend, threads=args.threads)
@@ -61,41 +76,112 @@ def cpu(args) -> None:
         for beta in (1.0, 2.0):
             configs[backend, beta] = (pol, beta)
     times = measure(configs, args.duration)
-    results = {key: report(f"{key[0]} beta={key[1]:g}", t) for key, t in times.items()}
+    med = {key: report(f"{key[0]} beta={key[1]:g}", t) for key, t in times.items()}
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
     print("ratios (measured in this run):")
     for beta in (1.0, 2.0):
-        r = results["torch", beta] / results["onnxruntime", beta]
+        r = med["torch", beta] / med["onnxruntime", beta]
         print(f"  beta={beta:g}: onnxruntime is {r:.1f}x faster than torch eager (goal >= 3x)")
     for backend in ("torch", "onnxruntime"):
-        over = 100 * (results[backend, 2.0] / results[backend, 1.0] - 1)
-        print(f"  {backend}: CFG (beta=2, batched) overhead vs beta=1: {over:+.0f} % (goal <= 10 % on GPU)")
+        cfg_line(backend, {b: med[backend, b] for b in (1.0, 2.0)})
+
+
+def gpu_policy(bundle, backend: str, precision: str):
+    opts = {"device": "cuda"}
+    if backend == "tensorrt":
+        opts["precision"] = precision
+    return load_policy(bundle, backend=backend, verify=False, **opts)
+
+
+def ort_gpu_usable() -> bool:
+    from recap_ros.policy.backends import tensorrt_available
+
+    try:
+        import onnxruntime
+    except ImportError:
+        return tensorrt_available()
+    return tensorrt_available() or "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def pi06_bundle(work: Path):
+    from recap_ros.policy.bundle import open_bundle, random_bundle
+
+    bdir = work / "pi06_random"
+    try:
+        return open_bundle(bdir, verify=False).dir
+    except PolicyError:  # not written yet (or incomplete): write it
+        print(f"writing a random-weight pi06 bundle to {bdir} (export takes minutes)", flush=True)
+        t0 = time.perf_counter()
+        random_bundle("pi06", bdir, seed=0, weights_dtype="bfloat16")
+        print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
+        return bdir
+
+
+def torch_model_only(duration: float) -> None:
+    """pi06 random weights on torch (cuda, fp32): encode_prefix + denoise on the model, no bundle."""
+    import torch
+
+    from recap_ros.policy.config import preset
+    from recap_ros.policy.export import example_inputs
+    from recap_ros.policy.model import Pi06Policy
+
+    torch.manual_seed(0)
+    model = Pi06Policy(preset("pi06")).eval().cuda()
+    x = {k: v.cuda() for k, v in example_inputs(model).items()}
+    x["beta"] = torch.full((1,), 2.0, device="cuda")
+    med = {}
+    for beta in (1.0, 2.0):
+        times = []
+        t_end = time.perf_counter() + duration
+        with torch.inference_mode():
+            while len(times) < 5 or time.perf_counter() < t_end:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                kv = model.encode_prefix(x["images"], x["tokens"], x["token_mask"], x["adv_tokens"], x["adv_mask"],
+                                         x["state"])
+                model.denoise(*kv, None, x["noise"], 5, None if beta == 1.0 else x["beta"])
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) * 1e3)
+        med[beta] = report(f"pi06 torch (model only) beta={beta:g}", times[2:])
+    cfg_line("pi06 torch", med)
 
 
 def gpu(args) -> None:
-    from recap_ros.policy.backends import tensorrt_available
-    from recap_ros.policy.bundle import open_bundle, random_bundle
+    from recap_ros.policy.backends import gpu_available
 
-    if not tensorrt_available():
-        sys.exit("--gpu needs the tensorrt package and a CUDA GPU")
+    if not gpu_available():
+        sys.exit("--gpu needs a CUDA GPU visible to torch")
     import torch
 
-    work = Path(args.workdir)
-    bdir = work / "pi06_random"
-    try:
-        open_bundle(bdir, verify=False)
-    except Exception:  # not written yet (or incomplete): write it
-        print(f"writing a random-weight pi06 bundle to {bdir} (export takes minutes)")
-        t0 = time.perf_counter()
-        random_bundle("pi06", bdir, seed=0, weights_dtype="bfloat16")
-        print(f"  done in {time.perf_counter() - t0:.0f} s")
-    t0 = time.perf_counter()
-    pol = load_policy(bdir, backend="tensorrt", precision=args.precision, verify=False)
-    print(f"TensorRT engines ready in {time.perf_counter() - t0:.0f} s on {torch.cuda.get_device_name()}")
-    times = measure({beta: (pol, beta) for beta in (1.0, 2.0)}, args.duration)
-    med = {beta: report(f"pi06 tensorrt {args.precision} beta={beta:g}", t) for beta, t in times.items()}
-    print(f"pi06, 3 x 448^2 views, {pol.info.denoise_steps} steps, beta=2: {med[2.0]:.1f} ms per chunk on "
-          f"{torch.cuda.get_device_name()} (goal <= 25 ms on an H100); CFG overhead vs beta=1: "
-          f"{100 * (med[2.0] / med[1.0] - 1):+.0f} %")
+    name = torch.cuda.get_device_name()
+    print(f"device: {name}")
+    for preset_name in args.presets:
+        if preset_name == "pi06" and not ort_gpu_usable():
+            print("pi06: neither tensorrt nor onnxruntime-gpu is usable here: torch only, on the model")
+            torch_model_only(args.duration)
+            continue
+        bundle = "tiny" if preset_name == "tiny" else pi06_bundle(Path(args.workdir))
+        results = {}
+        for backend in args.backends:
+            t0 = time.perf_counter()
+            try:
+                pol = gpu_policy(bundle, backend, args.precision)
+            except PolicyError as e:
+                print(f"{preset_name} {backend}: unavailable ({e})")
+                continue
+            label = f"{preset_name} {backend}" + (f" {args.precision}" if backend == "tensorrt" else "")
+            print(f"{label}: ready on {pol.info.device} in {time.perf_counter() - t0:.0f} s", flush=True)
+            times = measure({beta: (pol, beta) for beta in (1.0, 2.0)}, args.duration)
+            results[backend] = {beta: report(f"{label} beta={beta:g}", t) for beta, t in times.items()}
+            cfg_line(label, results[backend])
+            del pol
+            torch.cuda.empty_cache()
+        print(f"{preset_name} summary, ms per chunk on {name} (beta=1 / beta=2):")
+        for backend, med in results.items():
+            print(f"  {backend:18s} {med[1.0]:8.2f} / {med[2.0]:8.2f}")
+        if preset_name == "pi06" and "tensorrt" in results:
+            print(f"pi06, 3 x 448^2 views, 5 steps, beta=2 on TensorRT {args.precision}: {results['tensorrt'][2.0]:.1f} "
+                  f"ms per chunk on {name} (goal <= 25 ms on an H100)")
 
 
 def main(argv=None) -> None:
@@ -103,8 +189,10 @@ def main(argv=None) -> None:
     ap.add_argument("--bundle", default="tiny", help="CPU run: bundle name or path")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds of timing per configuration")
     ap.add_argument("--quick", action="store_true", help="1 s per configuration")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for both backends")
-    ap.add_argument("--gpu", action="store_true", help="pi06 random weights through TensorRT")
+    ap.add_argument("--threads", type=int, default=1, help="CPU run: threads of both torch and onnxruntime")
+    ap.add_argument("--gpu", action="store_true", help="GPU backends on tiny and pi06 (random weights)")
+    ap.add_argument("--presets", nargs="+", default=["tiny", "pi06"], choices=("tiny", "pi06"))
+    ap.add_argument("--backends", nargs="+", default=list(GPU_BACKENDS), choices=GPU_BACKENDS)
     ap.add_argument("--workdir", default="/tmp/recap_pi06_bench")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
     args = ap.parse_args(argv)
