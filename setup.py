@@ -20,6 +20,7 @@ CLIS = {
     "recap-train-policy": "recap_ros.recap.cli:train_policy_main",
     "recap-sim-demos": "recap_ros.sim.cli:demos_main",
     "recap-serve": "recap_ros.serve.cli:main",
+    "recap-import-checkpoint": "recap_ros.policy.import_checkpoint:main",
 }
 
 

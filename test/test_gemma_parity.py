@@ -7,45 +7,19 @@ linear RoPE scaling, QK-norm, sandwich norms), the decoder with the prefix KV ca
 it (prefix once, then suffix tokens attending to the cached prefix), and the whole prefix path (images + prompt
 through ``Gemma3Model``). Expected values come from transformers' forward passes only.
 """
-import math
-
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")  # in the test extra: never skipped in CI
+import hf_models  # noqa: E402
+from hf_models import WINDOW  # noqa: E402
 
 from recap_ros.policy.import_checkpoint import plan_import, write_weights  # noqa: E402
 from recap_ros.policy.model import Pi06Policy, images_to_float  # noqa: E402
 
 TOL = 1e-4
-WINDOW = 6
-# our rule for global_every=2 written out by hand: layers 1 and 3 (0-based) global, 0 and 2 local
-LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 OURS = {"expert_width": 32, "expert_mlp_dim": 48, "camera_roles": ["base"], "state_input": "tokens",
         "max_text_tokens": 10, "max_advantage_tokens": 20, "chunk_len": 4, "state_dim": 3, "action_dim": 3}
-
-
-def _randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            std = 0.1 if p.dim() == 1 else 0.5 / math.sqrt(p.shape[-1] if p.dim() > 1 else 1)
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
-
-
-def _vision_config():
-    return transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                           num_attention_heads=4, image_size=28, patch_size=7, vision_use_head=False)
-
-
-def _gemma3_text_config():
-    return transformers.Gemma3TextConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
-        layer_types=LAYER_TYPES, max_position_embeddings=256,
-        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
 
 
 def _import(hf_model, tmp_path, **overrides):
@@ -62,12 +36,7 @@ def _import(hf_model, tmp_path, **overrides):
 
 @pytest.fixture(scope="module")
 def gemma3(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.Gemma3Config(text_config=_gemma3_text_config(), vision_config=_vision_config(),
-                                    mm_tokens_per_image=4, image_token_index=300)
-    cfg._attn_implementation = "eager"
-    hf = _randomize(transformers.Gemma3ForConditionalGeneration(cfg))
-    hf.config.text_config._attn_implementation = "eager"
+    hf = hf_models.gemma3()
     return hf, _import(hf, tmp_path_factory.mktemp("g3"), image_size=28)
 
 
@@ -151,7 +120,7 @@ def test_gemma3_whole_prefix_path(gemma3):
     with torch.no_grad():
         _, _, kv_mask, got = ours.prefix(images_to_float(img), tokens, ones(tokens), adv, ones(adv))
         n_img = c.vision_tokens
-        ids = torch.cat([torch.full((1, n_img), 300), tokens, adv], 1)
+        ids = torch.cat([torch.full((1, n_img), hf_models.IMAGE_TOKEN), tokens, adv], 1)
         seq = ids.shape[1]
         prefix = torch.arange(seq) < seq - c.max_advantage_tokens
         allowed = prefix[None, :] | ~prefix[:, None]  # key in the prefix, or the query in the advantage segment
@@ -165,16 +134,7 @@ def test_gemma3_whole_prefix_path(gemma3):
 
 def test_paligemma_vision_and_gemma_decoder(tmp_path):
     """π0.5's backbone: PaliGemma's SigLIP + linear projector (every patch a token) and the Gemma 1 decoder."""
-    torch.manual_seed(0)
-    text = transformers.GemmaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                                    hidden_activation="gelu_pytorch_tanh")
-    cfg = transformers.PaliGemmaConfig(text_config=text.to_dict(), vision_config=_vision_config().to_dict(),
-                                       image_token_index=300, projection_dim=64)
-    cfg.vision_config.projection_dim = 64
-    cfg._attn_implementation = "eager"
-    hf = _randomize(transformers.PaliGemmaForConditionalGeneration(cfg))
-    hf.config.text_config._attn_implementation = "eager"
+    hf = hf_models.paligemma()
     ours = _import(hf, tmp_path, heads=4, kv_heads=1, head_dim=16)
     assert (ours.config.vision_tokens, ours.config.image_size, ours.config.qk_norm) == (16, 28, False)
     img = torch.rand(1, 28, 28, 3)
