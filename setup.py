@@ -61,6 +61,7 @@ setup(
         "torch==2.13.0",
         "onnx>=1.16",
         "onnxruntime>=1.18",
+        "onnxscript>=0.5",        # torch.onnx.export(dynamo=True)
         "safetensors>=0.4",
         "tqdm>=4.66",
         "tensorboard>=2.16",      # recap-train-*: metrics as TensorBoard event files (SummaryWriter needs it)

@@ -59,6 +59,9 @@ def node_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# a node stopped while it starts finishes starting first: policy_server (model load, warm-up inference, its tick
+# process) took 5-8 s on the loaded 2-core machine
+GRACE_S = 10.0
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -71,6 +74,17 @@ def _die_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+HELD_BACK = (signal.SIGINT, signal.SIGHUP)  # the runner's stop signal, and a hang-up; SIGTERM is the death signal
+
+
+def _start_node(parent_pid: int) -> None:
+    """A node's process before it execs: SIGINT and SIGHUP stay blocked until the node takes them over
+    (:meth:`recap_ros.nodes.StopRequest.install`), so a Ctrl-C while it still imports is a stop request, not a
+    KeyboardInterrupt traceback; then :func:`_die_with_parent`."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_BACK)
+    _die_with_parent(parent_pid)
+
+
 def _say(text: str, err: bool = False) -> None:
     """Print a runner message; a terminal that hung up (SIGHUP) must not stop the runner from stopping nodes."""
     try:
@@ -80,7 +94,7 @@ def _say(text: str, err: bool = False) -> None:
 
 
 class Station:
-    def __init__(self, specs: list[launch_graph.NodeSpec], workdir: Path, grace_s: float = 5.0,
+    def __init__(self, specs: list[launch_graph.NodeSpec], workdir: Path, grace_s: float = GRACE_S,
                  log_level: str = ""):
         self.specs, self.workdir, self.grace_s = specs, workdir, grace_s
         self.log_args = ["--log-level", log_level] if log_level else []
@@ -95,7 +109,7 @@ class Station:
             params.write_text(yaml.safe_dump(spec.params_yaml(), sort_keys=False))
             cmd = [sys.executable, "-m", spec.module, *spec.ros_args(str(params)), *self.log_args]
             self.procs[spec.name] = subprocess.Popen(cmd, env=env, start_new_session=True,
-                                                     preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+                                                     preexec_fn=functools.partial(_start_node, os.getpid()))
             _say(f"[recap-station] started {spec.name} (pid {self.procs[spec.name].pid})")
 
     def first_dead(self) -> tuple[str, int] | None:
@@ -118,7 +132,8 @@ class Station:
             try:
                 p.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _say(f"[recap-station] {name} ignored SIGINT for {self.grace_s:.0f} s: killing it")
+                _say(f"[recap-station] {name} ignored SIGINT for {self.grace_s:.0f} s (still starting, or hung): "
+                     "killing it")
         for p in self.procs.values():  # the whole group: a node's own children go too
             try:
                 os.killpg(p.pid, signal.SIGKILL)
@@ -148,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                          "current directory)")
     ap.add_argument("--only", action="append", default=[], metavar="NODE", help="start only these nodes")
     ap.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: until Ctrl-C)")
-    ap.add_argument("--grace", type=float, default=5.0, help="seconds a node gets to exit after SIGINT")
+    ap.add_argument("--grace", type=float, default=GRACE_S,
+                    help=f"seconds a node gets to exit after SIGINT (default: {GRACE_S:g})")
     ap.add_argument("--log-level", choices=LOG_LEVELS, default="",
                     help="the nodes' ROS log level (default: info); warn shows the episode lines, the summary and "
                          "what needs attention")

@@ -76,3 +76,30 @@ def test_dev_station_prints_episode_lines_and_a_summary_at_ctrl_c(rclpy_context,
     assert re.search(r"^\[INFO\] \[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}\] \[sim_robot\]", out, re.M), out[:2000]
     assert not re.search(r"^\[WARN\].*holding: waiting for", out, re.M), "routine holds are INFO"
     assert "Failed to publish log message to rosout" not in out and "Traceback" not in out, out[-3000:]
+
+
+@pytest.mark.ros
+@pytest.mark.timeout(90)
+def test_ctrl_c_while_the_nodes_start_stops_them_cleanly(rclpy_context, tmp_path):
+    """Ctrl-C a second after `./dev station`: the nodes are still importing (policy_server loads its model);
+    each finishes starting, stops, and exits 0, without a KeyboardInterrupt traceback."""
+    data = yaml.safe_load(paths.station_file("sim").read_text())
+    data["recorder"]["output_dir"] = str(tmp_path / "bags")
+    station = tmp_path / "sim.yaml"
+    station.write_text(yaml.safe_dump(data))
+    cmd, env = _dev_command(station)
+    log_path = tmp_path / "station.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
+                                env=env)
+        try:
+            wait_for(lambda: log_path.read_text().count("[recap-station] started ") >= 4, 30, "the nodes' start")
+            os.killpg(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    out = log_path.read_text()
+    assert rc == 0 and "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    assert "exit codes other than 0" not in out and out.rstrip().endswith("[recap-station] stopped (SIGINT)"), out

@@ -24,8 +24,12 @@ class StopRequest:
         self.signal_name = ""
 
     def install(self) -> None:
+        """Take over the stop signals, then unblock them: ``recap-station`` starts each node with SIGINT and
+        SIGHUP blocked, so a Ctrl-C that arrives while the node still imports waits for this instead of raising
+        KeyboardInterrupt."""
         for s in STOP_SIGNALS:
             signal.signal(s, self._on_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def ignore_further(self) -> None:
         """Once cleaned up: ignore stop signals. Python's finalisation would reset a handler to the default, and
@@ -66,7 +70,12 @@ def start_child(target: Callable, spec, name: str, timeout_s: float):
     stops when ``inbox`` closes), and wait up to ``timeout_s`` for its first report. Returns (process, the end
     that sends to its inbox, the end that receives from its outbox, the first report); the outbox reaches EOF
     when the child exits. Raises RuntimeError when it does not start or exits at start."""
+    from multiprocessing import resource_tracker
+
     ctx = mp.get_context("spawn")
+    # started now, not inside the block below: starting it unblocks SIGINT and SIGTERM again (resource_tracker
+    # .ensure_running), and a Ctrl-C then killed the child while it imported (a traceback at an early stop)
+    resource_tracker.ensure_running()
     child_in, to_child = ctx.Pipe(duplex=False)
     from_child, child_out = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=target, args=(spec, child_in, child_out), daemon=True, name=name)
