@@ -11,6 +11,8 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 # MuJoCo picks its GL backend when first imported (any test module may import it first): headless EGL, as
 # recap_ros.sim.aloha sets it for the aloha_sim node
 os.environ.setdefault("MUJOCO_GL", "egl")
+# ONNX export in tests: the TorchScript exporter (the dynamo default takes 4-6x longer; test_export_dynamo covers it)
+os.environ.setdefault("RECAP_ONNX_EXPORTER", "torchscript")
 if "ROS_DOMAIN_ID" not in os.environ:
     os.environ["ROS_DOMAIN_ID"] = str(1 + os.getpid() % 100)
 

@@ -1,6 +1,7 @@
 """ONNX export of the policy: TWO engine calls per action chunk.
 
-Graph split (static shapes, batch 1, fp32 graphs; TensorRT builds FP16/BF16 engines from them):
+Graph split (static shapes, batch 1, fp32 graphs; :mod:`recap_ros.policy.precision` derives the fp16 / bf16 graphs
+of strongly typed TensorRT engines from them):
 
 ``onnx/prefix.onnx`` — vision + prompt + advantage segment -> prefix KV cache (once per chunk)
     ==============  =======  ==========================================  =============================================
@@ -36,6 +37,7 @@ in ``<graph>.onnx.data`` next to the graph (ONNX external data).
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -43,10 +45,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from recap_ros.policy.errors import PolicyError
 from recap_ros.policy.model import Pi06Policy
 
 OPSET = 18
 PREFIX_FILE = "prefix.onnx"
+EXPORTERS = ("dynamo", "torchscript")
+# RECAP_ONNX_EXPORTER picks the default: dynamo (torch.export + onnxscript, the maintained exporter) unless set to
+# torchscript. The test suite sets torchscript: dynamo takes 4-6x longer (tiny: ~60 s vs ~15 s on 2 busy cores).
+EXPORTER_ENV = "RECAP_ONNX_EXPORTER"
 
 
 def denoise_file(steps: int, cfg: bool) -> str:
@@ -91,9 +98,33 @@ def example_inputs(model: Pi06Policy) -> dict[str, torch.Tensor]:
     }
 
 
-def _export(module: nn.Module, args: tuple, names: list[str], outputs: list[str], path: Path) -> None:
-    """Export one graph. Models over 2 GB come out of torch as one file per tensor; they are re-saved with all
-    weights in a single ``<graph>.onnx.data`` next to the graph."""
+def _torch_export(module: nn.Module, args: tuple, names: list[str], outputs: list[str], raw: Path,
+                  exporter: str) -> None:
+    """Export with ``exporter``. dynamo -> TorchScript fallback: the
+    TorchScript exporter is deprecated, but torch.export cannot trace every model (data-dependent control flow,
+    ops without an ONNX translation), and a bundle must still get its graphs; the reason is warned about."""
+    module = module.eval()
+    if exporter == "dynamo":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(module, args, str(raw), input_names=names, output_names=outputs,
+                                  opset_version=OPSET, dynamo=True, external_data=True, verbose=False)
+            return
+        except Exception as e:  # torch.export / onnxscript raise many types (Unsupported, TorchExportError, ...)
+            warnings.warn(f"{raw.name}: the dynamo exporter failed ({type(e).__name__}: {str(e)[:300]}); "
+                          "falling back to the TorchScript exporter")
+            for stale in raw.parent.iterdir():
+                stale.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(raw), input_names=names, output_names=outputs,
+                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
+
+
+def _export(module: nn.Module, args: tuple, names: list[str], outputs: list[str], path: Path, exporter: str) -> None:
+    """Export one graph. Models over 2 GB come out of torch with their weights in one or more side files; they
+    are re-saved with all weights in a single ``<graph>.onnx.data`` next to the graph."""
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,21 +132,27 @@ def _export(module: nn.Module, args: tuple, names: list[str], outputs: list[str]
         stale.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
         raw = Path(tmp) / path.name
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, args, str(raw), input_names=names, output_names=outputs,
-                              opset_version=OPSET, dynamo=False, do_constant_folding=True)
-        if len(list(Path(tmp).iterdir())) == 1:
-            raw.replace(path)
-        else:
-            onnx.save_model(onnx.load(str(raw)), str(path), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
+        _torch_export(module, args, names, outputs, raw, exporter)
+        model = onnx.load(str(raw))  # with its external data, if any
+        big = sum(t.ByteSize() for t in model.graph.initializer) > 1_000_000_000
+        onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
 
 
-def export_onnx(model: Pi06Policy, out_dir: str | Path, steps: tuple[int, ...] | list[int]) -> dict:
+def default_exporter() -> str:
+    exporter = os.environ.get(EXPORTER_ENV, "dynamo")
+    if exporter not in EXPORTERS:
+        raise PolicyError(f"{EXPORTER_ENV}={exporter!r}: expected one of {', '.join(EXPORTERS)}")
+    return exporter
+
+
+def export_onnx(model: Pi06Policy, out_dir: str | Path, steps: tuple[int, ...] | list[int],
+                exporter: str | None = None) -> dict:
     """Write prefix.onnx and, for each step count, denoise_s{N}.onnx + denoise_s{N}_cfg.onnx into out_dir.
+    ``exporter``: dynamo | torchscript (default: :func:`default_exporter`).
 
     Returns the ``onnx`` entry of the bundle's config.json (paths relative to out_dir's parent)."""
+    exporter = exporter or default_exporter()
     out_dir = Path(out_dir)
     c = model.config
     model = model.eval().float()
@@ -125,7 +162,8 @@ def export_onnx(model: Pi06Policy, out_dir: str | Path, steps: tuple[int, ...] |
         prefix_in.append("state")
     kv_out = ["keys", "values", "kv_mask"]
     with torch.no_grad():
-        _export(PrefixGraph(model), tuple(x[n] for n in prefix_in), prefix_in, kv_out, out_dir / PREFIX_FILE)
+        _export(PrefixGraph(model), tuple(x[n] for n in prefix_in), prefix_in, kv_out, out_dir / PREFIX_FILE,
+                exporter)
         keys, values, kv_mask = model.encode_prefix(*(x[n] for n in prefix_in))
         kv = {"keys": keys, "values": values, "kv_mask": kv_mask}
         entry = {"prefix": f"{out_dir.name}/{PREFIX_FILE}", "denoise": {}}
@@ -140,7 +178,8 @@ def export_onnx(model: Pi06Policy, out_dir: str | Path, steps: tuple[int, ...] |
                 if cfg:
                     names.append("beta")
                     args.append(x["beta"])
-                _export(DenoiseGraph(model, n, cfg), tuple(args), names, ["actions"], out_dir / denoise_file(n, cfg))
+                _export(DenoiseGraph(model, n, cfg), tuple(args), names, ["actions"], out_dir / denoise_file(n, cfg),
+                        exporter)
                 files["cfg" if cfg else "cond"] = f"{out_dir.name}/{denoise_file(n, cfg)}"
             entry["denoise"][str(n)] = files
     return entry
