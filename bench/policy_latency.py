@@ -126,7 +126,8 @@ def torch_model_only(duration: float) -> None:
     from recap_ros.policy.model import Pi06Policy
 
     torch.manual_seed(0)
-    model = Pi06Policy(preset("pi06")).eval().cuda()
+    with torch.device("cuda"):  # random init on the GPU: 5 B parameters initialise in seconds there
+        model = Pi06Policy(preset("pi06")).eval()
     x = {k: v.cuda() for k, v in example_inputs(model).items()}
     x["beta"] = torch.full((1,), 2.0, device="cuda")
     med = {}
