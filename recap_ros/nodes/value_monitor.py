@@ -174,7 +174,7 @@ class ValueMonitorNode(Node):
             key = waiting.split(" from ")[0]
             if key not in self._told:
                 self._told.add(key)
-                self.get_logger().warning(f"not evaluating V: {waiting}")
+                self.get_logger().info(f"not evaluating V yet: {waiting}")
             return
         stamp = min(min(self._image_ns), self._state_ns)
         views = [rosmsg.image_from_msg(deserialize_message(raw, Image)) for raw in self._images]
