@@ -18,6 +18,7 @@ FORBIDDEN = {
     "export": {"nodes", "runner", "launch_graph", "report"},
     "recording": {"export", "recap", "policy", "nodes", "runner", "launch_graph", "report"},
     "report": {"nodes", "runner", "launch_graph"},  # reads what was recorded; never part of a station
+    "monitor": {"export", "recording", "nodes", "runner", "launch_graph", "report"},  # live V: model + alerts
 }
 
 
