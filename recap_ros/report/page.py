@@ -144,5 +144,6 @@ def _value_section(page: PageInput, out: Path, max_plots: int) -> str:
         parts.append(f"<p class='note'>{len(with_v) - max_plots} more episodes not shown "
                      f"(--max-value-plots {max_plots}).</p>")
     if missing:
-        parts.append(f"<p class='note'>{missing} episodes have no value curve (not exported: see the notes).</p>")
+        parts.append(f"<p class='note'>{missing} episodes have no value curve: not exported (see the notes) or "
+                     "no value recorded in them.</p>")
     return "".join(parts)
