@@ -168,3 +168,21 @@ def test_a_drop_raises_an_alert_and_a_warn_but_not_between_episodes(probe, spin)
     n = node.evaluations
     wait_for(lambda: node.evaluations >= n + 6, 10, "more evaluations")
     assert p.log.count("alert") == 1 and node.alerts == 1
+
+
+def test_an_observation_the_model_fails_on_is_skipped_not_fatal(probe, spin):
+    from rclpy.parameter import Parameter
+
+    from recap_ros.nodes.value_monitor import ValueMonitorNode
+
+    def broken(views, state, prompt):
+        raise ValueError("images (1, 2, 16, 16, 3) do not fit the value model")
+
+    node = ValueMonitorNode(value=broken, parameter_overrides=[Parameter("rate_hz", value=10.0)])
+    p = probe()
+    spin(node)
+    wait_for(lambda: node.failures >= 3, 20, "failed evaluations")
+    assert node.evaluations == 0 and p.log.count("value") == 0
+    node.value = lambda views, state, prompt: -0.5  # the next good observation is published
+    assert p.log.wait(lambda: len(p.log.data["value"]) >= 1, 10)
+    assert list(p.log.messages("value")[-1].position) == [-0.5, 300.0]

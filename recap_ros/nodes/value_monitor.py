@@ -21,7 +21,7 @@ the next start). Every ``1 / rate_hz`` seconds, once every camera and the joint 
 ``/diagnostics`` (1 Hz): OK with V, steps to go, evaluations per second and inference time; WARN after an alert
 or while a camera / the joint state is missing or stale; ERROR when the bundle could not be loaded. A bad bundle
 or a missing camera never stops the node nor the station: it logs one line saying what is wrong and keeps
-reporting it on /diagnostics.
+reporting it on /diagnostics; an observation the model fails on (a bad frame) is logged (throttled) and skipped.
 
 Parameters: ``station``; ``bundle``, ``rate_hz``, ``drop``, ``window_s``, ``max_len``, ``threads`` (defaults
 from the station's ``value_monitor:`` section); ``stale_after_s`` (1.0: older observations are not evaluated).
@@ -91,6 +91,8 @@ class ValueMonitorNode(Node):
         self._last_alert: Alert | None = None
         self.alerts = 0
         self.evaluations = 0
+        self.failures = 0  # evaluations that raised (bad frame, model error)
+        self._last_stamp_ns = 0
         self._infer_ms = 0.0
         self._told: set[str] = set()  # waiting reasons already logged (once each)
 
@@ -177,9 +179,14 @@ class ValueMonitorNode(Node):
                 self.get_logger().info(f"not evaluating V yet: {waiting}")
             return
         stamp = min(min(self._image_ns), self._state_ns)
-        views = [rosmsg.image_from_msg(deserialize_message(raw, Image)) for raw in self._images]
         t0 = time.perf_counter()
-        v = float(self.value(views, self._state, self.prompt))
+        try:
+            views = [rosmsg.image_from_msg(deserialize_message(raw, Image)) for raw in self._images]
+            v = float(self.value(views, self._state, self.prompt))
+        except Exception as e:  # a bad frame or a model error costs this evaluation, never the node (or station)
+            self.failures += 1
+            self.get_logger().error(f"V not evaluated: {type(e).__name__}: {e}", throttle_duration_sec=5.0)
+            return
         self._infer_ms = (time.perf_counter() - t0) * 1e3
         steps = -v * self.max_len
         self._last = (v, steps)
@@ -188,6 +195,9 @@ class ValueMonitorNode(Node):
         self.pub_value.publish(rosmsg.joint_state_msg(FIELDS, [v, steps], stamp))
         if not self._in_episode:
             return
+        if stamp < self._last_stamp_ns:  # observation time went back (a restarted driver or sim): a new window
+            self.alert.reset()
+        self._last_stamp_ns = stamp
         alert = self.alert.update(stamp / 1e9, v)
         if alert is not None:
             self.alerts += 1
@@ -202,7 +212,8 @@ class ValueMonitorNode(Node):
         t = time.monotonic()
         if t - self._rate_t0 >= 1.0:
             self.rate_hz, self._rate_t0, self._rate_n = self._rate_n / (t - self._rate_t0), t, 0
-        values = {"alerts": self.alerts, "evaluations": self.evaluations, "rate_hz": f"{self.rate_hz:.2f}",
+        values = {"alerts": self.alerts, "evaluations": self.evaluations, "failures": self.failures,
+                  "rate_hz": f"{self.rate_hz:.2f}",
                   "inference_ms": f"{self._infer_ms:.1f}", "prompt": self.prompt}
         if self._last is not None:
             values.update(value=f"{self._last[0]:.4f}", steps_to_go=f"{self._last[1]:.1f}")
