@@ -211,6 +211,7 @@ class ValueMonitor:
     value_topic: str     # sensor_msgs/JointState: name ["value", "steps_to_go"], position [V, steps]
     alert_topic: str     # std_msgs/String, one per alert
     threads: int         # torch CPU threads of the monitor (0: torch's default)
+    device: str = "cpu"  # torch device of the value model: cpu, cuda, cuda:N
 
 
 @dataclass(frozen=True)
@@ -557,7 +558,8 @@ def _value_monitor(r: _Reader, robot: Robot, sim: Sim | None) -> ValueMonitor | 
                            window_s=r.num("window_s", 2.0, lo=0.0, lo_open=True),
                            value_topic=r.topic("value_topic", "/value"),
                            alert_topic=r.topic("alert_topic", "/value/alert"),
-                           threads=r.num("threads", 1, lo=0, integer=True))
+                           threads=r.num("threads", 1, lo=0, integer=True),
+                           device=r.str("device", "cpu", pattern=re.compile(r"^(cpu|cuda(:\d+)?)$")))
     return monitor if enabled else None
 
 

@@ -216,6 +216,7 @@ def test_value_monitor_defaults_and_disabled(tmp_path, sim_data):
     ({"bundle": "v", "drop": 1.5}, "value_monitor.drop: must be <= 1.0 (got 1.5)"),
     ({"bundle": "v", "rate_hz": 0}, "value_monitor.rate_hz: must be > 0.0 (got 0)"),
     ({"bundle": "v", "window": 2.0}, "value_monitor.window: unknown key; did you mean 'window_s'? (got 2.0)"),
+    ({"bundle": "v", "device": "gpu0"}, "value_monitor.device: must match ^(cpu|cuda(:\\d+)?)$ (got 'gpu0')"),
     ({"rate_hz": 5.0}, "value_monitor.bundle: missing required key (got None)"),
 ])
 def test_value_monitor_errors_name_file_key_and_value(tmp_path, sim_data, section, message):

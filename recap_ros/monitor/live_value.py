@@ -22,7 +22,8 @@ def steps_to_go(v: float, max_len: int) -> float:
 
 
 class LiveValue:
-    def __init__(self, bundle: str, n_cameras: int, state_dim: int, threads: int | None = None):
+    def __init__(self, bundle: str, n_cameras: int, state_dim: int, threads: int | None = None,
+                 device: str = "cpu"):
         """``bundle``: a value bundle name (``models/<name>``) or directory. Raises ValueBundleError naming the
         bundle when it is missing, corrupt or does not fit the station's cameras and joints."""
         if threads:
@@ -30,7 +31,7 @@ class LiveValue:
 
             torch.set_num_threads(int(threads))
         self.path = paths.model_dir(bundle)
-        self.model = load_value(self.path)
+        self.model = load_value(self.path, device)
         bb = self.model.cfg.backbone
         if bb.num_cameras != n_cameras or bb.state_dim != state_dim:
             raise ValueBundleError(f"{self.path}: the value bundle takes {bb.num_cameras} cameras and a "

@@ -23,8 +23,9 @@ or while a camera / the joint state is missing or stale; ERROR when the bundle c
 or a missing camera never stops the node nor the station: it logs one line saying what is wrong and keeps
 reporting it on /diagnostics; an observation the model fails on (a bad frame) is logged (throttled) and skipped.
 
-Parameters: ``station``; ``bundle``, ``rate_hz``, ``drop``, ``window_s``, ``max_len``, ``threads`` (defaults
-from the station's ``value_monitor:`` section); ``stale_after_s`` (1.0: older observations are not evaluated).
+Parameters: ``station``; ``bundle``, ``rate_hz``, ``drop``, ``window_s``, ``max_len``, ``threads``, ``device``
+(defaults from the station's ``value_monitor:`` section); ``stale_after_s`` (1.0: older observations are not
+evaluated).
 """
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ class ValueMonitorNode(Node):
         self.alert = ValueAlert(p("drop", mon.drop, "alert when V falls by more than this ..."),
                                 p("window_s", mon.window_s, "... within this many seconds"))
         threads = p("threads", mon.threads, "torch CPU threads (0: torch's default)")
+        device = p("device", mon.device, "torch device of the value model: cpu, cuda, cuda:N")
         self.stale_after_ns = int(p("stale_after_s", 1.0, "observations older than this are not evaluated") * 1e9)
         self.station, self.cameras, self.names = station, station.cameras, station.robot.joint_names
         self.prompt = station.policy.prompt
@@ -76,8 +78,8 @@ class ValueMonitorNode(Node):
             from recap_ros.recap.value import ValueBundleError
 
             try:
-                self.value = LiveValue(bundle, len(self.cameras), len(self.names), threads or None)
-            except (ValueBundleError, OSError) as e:
+                self.value = LiveValue(bundle, len(self.cameras), len(self.names), threads or None, device)
+            except (ValueBundleError, OSError, RuntimeError) as e:  # RuntimeError: e.g. no such CUDA device
                 self.problem = f"value bundle '{bundle}' not loaded: {e}"
                 self.get_logger().error(f"{self.problem}; publishing no values (the station runs on)")
 
