@@ -18,15 +18,18 @@ EPISODE = re.compile(r"^\[recap-station\] episode (\d+) +(success|failure|unlabe
                      r"(autonomous|human \d+ ticks \(\d+ takeovers?\))  '([^']+)'  (\S+)$", re.M)
 
 
+GRACE = ["--grace", "60"]  # a node stopped while it starts finishes starting first: slow on a loaded machine
+
+
 def _dev_command(station: Path) -> tuple[list[str], dict]:
     """``./dev station <yaml>`` when this test runs in ./dev's venv; elsewhere (a ROS machine's own Python) the
     runner as ./dev runs it, with the log format ./dev sets."""
     env = {k: v for k, v in os.environ.items() if k != "RCUTILS_CONSOLE_OUTPUT_FORMAT"}
     venv = (REPO / os.environ.get("RECAP_VENV", ".venv")).resolve()
     if Path(sys.prefix).resolve() == venv:
-        return [str(REPO / "dev"), "station", str(station)], env
+        return [str(REPO / "dev"), "station", str(station), *GRACE], env
     env["RCUTILS_CONSOLE_OUTPUT_FORMAT"] = "[{severity}] [{date_time_with_ms}] [{name}]: {message}"
-    return [sys.executable, "-m", "recap_ros.runner", str(station)], env
+    return [sys.executable, "-m", "recap_ros.runner", str(station), *GRACE], env
 
 
 @pytest.mark.ros
@@ -44,8 +47,13 @@ def test_dev_station_prints_episode_lines_and_a_summary_at_ctrl_c(rclpy_context,
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
                                 env=env)
         try:
-            wait_for(lambda: proc.poll() is None and len(EPISODE.findall(log_path.read_text())) >= 2, 60,
-                     "two episode lines")
+            def running():  # two episodes have ended, one of them since the policy drives (its server is up)
+                text = log_path.read_text()
+                return proc.poll() is None and len(EPISODE.findall(text)) >= 2 and \
+                    "[policy_server]: executing chunks" in text and \
+                    EPISODE.search(text, text.index("[policy_server]: executing chunks")) is not None
+
+            wait_for(running, 60, "two episode lines, one since the policy drives")
             time.sleep(0.3)
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the foreground process group
             rc = proc.wait(timeout=30)
@@ -61,9 +69,10 @@ def test_dev_station_prints_episode_lines_and_a_summary_at_ctrl_c(rclpy_context,
     assert numbers == list(range(len(numbers))), numbers  # each once, in order
     for number, outcome, duration, _, prompt, bag in episodes:
         assert (bags / bag).is_dir() and bag.endswith(f"_ep{int(number):04d}"), bag
-        assert float(duration) < 3.0, duration  # 1.5 s episodes, give or take the recorder's start and stop
+        assert 0 <= float(duration) < 5.0, duration  # 1.5 s episodes; the first bag may start late (the recorder
+        #                                              joins an episode under way), stop events may lag on a busy CPU
         if int(number) < len(episodes) - 1:  # the last one may be cut short, unlabelled, by Ctrl-C
-            assert outcome != "unlabelled" and float(duration) > 0.5, (number, outcome, duration)
+            assert outcome != "unlabelled", (number, outcome, duration)
     summary = out[out.rindex("[recap-station] episode "):]
     m = re.search(r"\[recap-station\] (\d+) episodes?: (\d+) success, (\d+) failure, (\d+) unlabelled", summary)
     assert m, out[-2000:]
