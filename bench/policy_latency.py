@@ -34,9 +34,11 @@ PROMPT = "touch the red marker with the left gripper"
 GPU_BACKENDS = ("tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "torch")
 
 
-def measure(configs: dict, duration: float, min_iters: int = 5) -> dict:
+def measure(configs: dict, duration: float, min_iters: int = 5, cpu_times: dict | None = None) -> dict:
     """configs: {label: (policy, beta)}. Round-robin over the configurations (one chunk each per round) so that
-    load changes on a shared machine hit every configuration alike; returns {label: [ms, ...]}."""
+    load changes on a shared machine hit every configuration alike; returns {label: [ms, ...]} (wall clock).
+    ``cpu_times``: filled with {label: [ms, ...]} of this thread's CPU time per chunk (with one backend thread
+    that is all the chunk's work, and time spent preempted by other processes does not count)."""
     rng = np.random.default_rng(0)
     inputs = {}
     for label, (pol, beta) in configs.items():
@@ -45,11 +47,14 @@ def measure(configs: dict, duration: float, min_iters: int = 5) -> dict:
         for i in range(3):  # warm-up (lazy allocations, autotuning)
             pol.infer(*inputs[label], PROMPT, beta=beta, seed=i)
     times = {label: [] for label in configs}
+    cpu_times = {} if cpu_times is None else cpu_times
+    cpu_times.update({label: [] for label in configs})
     t_end = time.perf_counter() + duration * len(configs)
     while min(len(t) for t in times.values()) < min_iters or time.perf_counter() < t_end:
         for label, (pol, beta) in configs.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             pol.infer(*inputs[label], PROMPT, beta=beta, seed=len(times[label]))
+            cpu_times[label].append((time.thread_time() - c0) * 1e3)
             times[label].append((time.perf_counter() - t0) * 1e3)
     return times
 
@@ -75,15 +80,21 @@ def cpu(args) -> None:
               f"{pol.info.denoise_steps} steps")
         for beta in (1.0, 2.0):
             configs[backend, beta] = (pol, beta)
-    times = measure(configs, args.duration)
+    cpu_times = {}
+    times = measure(configs, args.duration, cpu_times=cpu_times)
+    print("wall clock per chunk:")
     med = {key: report(f"{key[0]} beta={key[1]:g}", t) for key, t in times.items()}
+    print("CPU time of the calling thread per chunk" + (" (= all of the chunk's work with 1 thread):"
+                                                        if args.threads == 1 else ":"))
+    cpu_med = {key: report(f"{key[0]} beta={key[1]:g}", t) for key, t in cpu_times.items()}
     print(f"load average after: {os.getloadavg()[0]:.2f}")
-    print("ratios (measured in this run):")
-    for beta in (1.0, 2.0):
-        r = med["torch", beta] / med["onnxruntime", beta]
-        print(f"  beta={beta:g}: onnxruntime is {r:.1f}x faster than torch eager (goal >= 3x)")
-    for backend in ("torch", "onnxruntime"):
-        cfg_line(backend, {b: med[backend, b] for b in (1.0, 2.0)})
+    for name, m in (("wall clock", med), ("CPU time", cpu_med)):
+        print(f"ratios, {name} (measured in this run):")
+        for beta in (1.0, 2.0):
+            r = m["torch", beta] / m["onnxruntime", beta]
+            print(f"  beta={beta:g}: onnxruntime is {r:.1f}x faster than torch eager (goal >= 3x)")
+        for backend in ("torch", "onnxruntime"):
+            cfg_line(backend, {b: m[backend, b] for b in (1.0, 2.0)})
 
 
 def gpu_policy(bundle, backend: str, precision: str):

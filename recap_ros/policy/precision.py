@@ -18,6 +18,7 @@ from its fp32 original (no fp16 range clamp, no double rounding).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -177,20 +178,20 @@ def load_for_conversion(onnx_path: Path):
     return model
 
 
-def reduced_path(onnx_path: Path, precision: str, out_dir: Path) -> Path:
-    """Where the ``precision`` variant of ``onnx_path`` is written (``<out_dir>/<stem>.<precision>.onnx``)."""
-    return out_dir / f"{onnx_path.stem}.{precision}.onnx"
-
-
-def write_reduced(onnx_path: Path, precision: str, out_dir: Path) -> Path:
-    """Convert one bundle graph and save it under out_dir, its weights in one ``<file>.data`` next to it when
-    they pass 1 GB. Returns the new graph's path."""
+def save_graph(model, dst: Path) -> None:
+    """Save a converted graph atomically (temporary name, then rename), its weights in one ``<file>.data`` next
+    to it when they pass 1 GB."""
     import onnx
 
-    out = reduce_precision(load_for_conversion(onnx_path), precision)
-    dst = reduced_path(onnx_path, precision, out_dir)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    big = sum(len(t.raw_data) for t in out.graph.initializer) > 1_000_000_000
-    onnx.save_model(out, str(dst), save_as_external_data=big, all_tensors_to_one_file=True,
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    big = sum(len(t.raw_data) for t in model.graph.initializer) > 1_000_000_000
+    onnx.save_model(model, str(tmp), save_as_external_data=big, all_tensors_to_one_file=True,
                     location=dst.name + ".data", size_threshold=1024)
+    os.replace(tmp, dst)
+
+
+def write_reduced(onnx_path: Path, precision: str, dst: Path) -> Path:
+    """Convert one bundle graph to ``precision`` and save it as dst. Returns dst."""
+    save_graph(reduce_precision(load_for_conversion(onnx_path), precision), dst)
     return dst
