@@ -3,6 +3,7 @@ station:=sim``), driven by real rclpy publishers and observed by real subscriber
 priority/preemption, mode switching, timeout -> hold, override deadman, latching e-stop, step-limited
 handover, invalid commands never reaching the robot, latched active source / intervention (late joiners too),
 diagnostics, the 50 Hz output rate while CPU hogs compete for the cores, and a clean SIGINT stop."""
+import os
 import subprocess
 import sys
 import threading
@@ -433,3 +434,30 @@ def test_float64_multi_array_station_rejects_13_elements_and_stops_on_sigint(rcl
         probe.close()
         took = stop_node(proc)
     assert took < 5.0 and proc.returncode is not None
+
+
+
+def test_node_whose_output_process_failed_to_start_is_destroyed_quietly(monkeypatch):
+    """rclpy destroys every node of its context at shutdown, also one whose __init__ raised: a mux whose output
+    process did not start has nothing to stop (it raised AttributeError '_to_child' there)."""
+    rclpy = pytest.importorskip("rclpy")
+    from recap_ros.nodes import teleop_mux
+
+    def no_child(*args, **kwargs):
+        raise RuntimeError("the output process did not start")
+
+    monkeypatch.setattr(teleop_mux, "start_child", no_child)
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    monkeypatch.setattr(rclpy.node.Node, "__init__", _in_context(rclpy.node.Node.__init__, ctx))
+    with pytest.raises(RuntimeError, match="did not start") as failed:
+        teleop_mux.TeleopMuxNode()
+    # while the error is being handled its traceback keeps the half-built node alive, as in run_node
+    assert failed.traceback
+    rclpy.shutdown(context=ctx)  # destroys the half-built node: must not raise
+
+
+def _in_context(init, ctx):
+    def wrapped(self, *args, **kwargs):
+        return init(self, *args, context=ctx, **kwargs)
+    return wrapped

@@ -305,15 +305,18 @@ class TeleopMuxNode(Node):
                                                       hardware_id=self.station.name))
 
     def destroy_node(self):
-        self._closing.set()
-        try:
-            self._to_child.send(("close",))
-        except OSError:
-            pass
-        self._to_child.close()
-        self._proc.join(timeout=3.0)
-        if self._proc.is_alive():
-            self._proc.kill()
+        # rclpy destroys the nodes of its context at shutdown, also one whose __init__ raised (a bad station
+        # file): then there is no output process to stop.
+        if getattr(self, "_proc", None) is not None:
+            self._closing.set()
+            try:
+                self._to_child.send(("close",))
+            except OSError:
+                pass
+            self._to_child.close()
+            self._proc.join(timeout=3.0)
+            if self._proc.is_alive():
+                self._proc.kill()
         return super().destroy_node()
 
 
