@@ -3,7 +3,6 @@ station:=sim``), driven by real rclpy publishers and observed by real subscriber
 priority/preemption, mode switching, timeout -> hold, override deadman, latching e-stop, step-limited
 handover, invalid commands never reaching the robot, latched active source / intervention (late joiners too),
 diagnostics, the 50 Hz output rate while CPU hogs compete for the cores, and a clean SIGINT stop."""
-import os
 import subprocess
 import sys
 import threading
