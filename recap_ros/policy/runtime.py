@@ -104,12 +104,15 @@ class Policy:
             raise PolicyError(f"state: non-finite joint positions at indices {bad}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise PolicyError(f"seed: expected a non-negative integer, got {seed!r}")
+        state_norm = self.bundle.norm_stats["state"].normalize(q, c.normalization).astype(np.float32)[None]
         key = (prompt, bool(advantage))
-        if self._prompt_cache is None or self._prompt_cache[0] != key:
+        if c.state_input == "tokens":  # π0.5: the discretised state is prompt text, tokenised every call
+            self._prompt_cache = (None, self.prompts.encode([prompt], [True if advantage else None], state_norm))
+        elif self._prompt_cache is None or self._prompt_cache[0] != key:
             self._prompt_cache = (key, self.prompts.encode([prompt], [True if advantage else None]))
         feeds = dict(self._prompt_cache[1])
         feeds["images"] = np.stack(views)[None]
-        feeds["state"] = self.bundle.norm_stats["state"].normalize(q, c.normalization).astype(np.float32)[None]
+        feeds["state"] = state_norm
         feeds["noise"] = np.random.default_rng(int(seed)).standard_normal(
             (1, c.chunk_len, c.action_dim), dtype=np.float32)
         if beta is not None:

@@ -5,7 +5,9 @@ Prompt layout (token order in the backbone)::
     [image tokens per view] [BOS "Task: <task>\\n" + padding] [state token]* [ "Advantage: positive\\n" + padding]
     `---------------------------- shared prefix ----------------------------'  `------ advantage segment ------'
 
-(* only when ``state_input == "prefix"``). The advantage segment comes AFTER the shared prefix and the prefix never
+(* only when ``state_input == "prefix"``). With ``state_input == "tokens"`` (π0.5) the normalised state is text in
+the prompt instead: ``"Task: <task>, State: 12 255 0 ...;\nAction: "``, one number per dimension
+(:func:`discretize_state`, LeRobot's / openpi's pi05 format). The advantage segment comes AFTER the shared prefix and the prefix never
 attends to it, so the conditional ("Advantage: positive") and unconditional (no indicator) CFG branches share one
 prefix KV cache; the unconditional branch simply masks the segment out. Training also uses
 "Advantage: negative" (indicator False) and no segment (indicator None, the 30 % dropout).
@@ -23,6 +25,22 @@ import numpy as np
 from recap_ros.policy.errors import PolicyError
 
 POSITIVE, NEGATIVE = "Advantage: positive\n", "Advantage: negative\n"
+STATE_BINS = 256
+
+
+def discretize_state(state) -> np.ndarray:
+    """π0.5's state tokens: each normalised dimension (−1 .. 1) -> a bin 0 .. 255,
+    ``digitize(x, linspace(−1, 1, 257)[:−1]) − 1`` (values below −1 give −1, as in openpi / LeRobot)."""
+    return np.digitize(np.asarray(state, np.float64), np.linspace(-1.0, 1.0, STATE_BINS + 1)[:-1]) - 1
+
+
+def prompt_text(prompt: str, state=None) -> str:
+    """The prompt as the model reads it: ``"Task: <prompt>\n"``, or with a normalised ``state`` π0.5's
+    ``"Task: <prompt>, State: <bins>;\nAction: "`` (underscores and newlines of the task become spaces)."""
+    if state is None:
+        return f"Task: {prompt.strip()}\n"
+    task = prompt.strip().replace("_", " ").replace("\n", " ")
+    return f"Task: {task}, State: {' '.join(map(str, discretize_state(state)))};\nAction: "
 
 
 class ByteTokenizer:
@@ -104,24 +122,26 @@ class PromptEncoder:
             raise PolicyError(f"advantage segment needs {longest} tokens but max_advantage_tokens is "
                               f"{max_advantage_tokens}")
 
-    def text_tokens(self, prompt: str) -> list[int]:
+    def text_tokens(self, prompt: str, state=None) -> list[int]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise PolicyError(f"prompt {prompt!r}: must be a non-empty string")
-        ids = [self.tok.bos_id] + self.tok.encode(f"Task: {prompt.strip()}\n")
+        ids = [self.tok.bos_id] + self.tok.encode(prompt_text(prompt, state))
         if len(ids) > self.max_text:
             raise PolicyError(f"prompt {prompt!r} is {len(ids)} tokens; the model takes at most {self.max_text}")
         return ids
 
-    def encode(self, prompts: Sequence[str], indicators: Sequence[bool | None]) -> dict[str, np.ndarray]:
-        if len(prompts) != len(indicators):
-            raise PolicyError(f"{len(prompts)} prompts but {len(indicators)} indicators")
+    def encode(self, prompts: Sequence[str], indicators: Sequence[bool | None], states=None) -> dict[str, np.ndarray]:
+        """``states`` (B, state_dim) normalised, for π0.5's state-in-the-prompt models (``state_input`` tokens)."""
+        if len(prompts) != len(indicators) or (states is not None and len(states) != len(prompts)):
+            raise PolicyError(f"{len(prompts)} prompts but {len(indicators)} indicators"
+                              + ("" if states is None else f" and {len(states)} states"))
         b = len(prompts)
         out = {"tokens": np.full((b, self.max_text), self.tok.pad_id, np.int64),
                "token_mask": np.zeros((b, self.max_text), bool),
                "adv_tokens": np.full((b, self.max_adv), self.tok.pad_id, np.int64),
                "adv_mask": np.zeros((b, self.max_adv), bool)}
         for i, (p, ind) in enumerate(zip(prompts, indicators)):
-            ids = self.text_tokens(p)
+            ids = self.text_tokens(p, None if states is None else states[i])
             out["tokens"][i, :len(ids)], out["token_mask"][i, :len(ids)] = ids, True
             if ind is not None:
                 adv = self._adv[bool(ind)]

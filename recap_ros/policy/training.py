@@ -110,7 +110,8 @@ def flow_matching_loss(model: Pi06Policy, images, state, prompts: Sequence[str],
                           f"{c.state_dim}) / ({b}, {c.chunk_len}, {c.action_dim})")
     if len(prompts) != b or len(indicators) != b:
         raise PolicyError(f"{len(prompts)} prompts and {len(indicators)} indicators for a batch of {b}")
-    enc = (prompt_encoder or prompt_encoder_for(model)).encode(list(prompts), list(indicators))
+    enc = (prompt_encoder or prompt_encoder_for(model)).encode(
+        list(prompts), list(indicators), state.cpu().numpy() if c.state_input == "tokens" else None)
     tok = {k: torch.from_numpy(v).to(device) for k, v in enc.items()}
     noise = torch.randn_like(actions) if noise is None else _tensor(noise, torch.float32, device)
     time = sample_time(b, device) if time is None else _tensor(time, torch.float32, device)

@@ -245,6 +245,9 @@ def train_policy_main(argv=None) -> int:
     try:
         overrides = json.loads(a.model)
         cfg = open_bundle(a.init).config if a.init else preset(a.preset, **overrides)
+    p.add_argument("--knowledge-insulation", action="store_true",
+                   help="stop the action expert's gradient into the backbone (π0.5 / π0.6 knowledge insulation: "
+                        "an imported VLM backbone is kept, or learns from the goal head only)")
         frames = load_frames(a.data, cfg.image_size, cfg.chunk_len, stride=a.stride, max_len=a.max_len)
         if a.labels:
             frames = apply_labels(frames, a.labels)
@@ -260,3 +263,4 @@ def train_policy_main(argv=None) -> int:
     _report(f"policy: {len(frames)} frames; loss {np.mean(losses[:20]):.4f} -> {np.mean(losses[-20:]):.4f}; "
           f"bundle {a.out}")
     return 0
+                                 knowledge_insulation=a.knowledge_insulation,

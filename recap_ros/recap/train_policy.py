@@ -78,9 +78,11 @@ class _PolicyLoss(nn.Module):
     global batch from the batch's generator (:class:`~recap_ros.recap.trainer.Batch`)."""
 
     def __init__(self, model: Pi06Policy, frames: Frames, indicators: np.ndarray, stats: dict[str, Stats],
-                 drop_prob: float, action_space: str = ACTION_SPACE, goal_weight: float = 1.0, tokenizer=None):
+                 drop_prob: float, action_space: str = ACTION_SPACE, goal_weight: float = 1.0, tokenizer=None,
+                 knowledge_insulation: bool = False):
         super().__init__()
         self.model, self.frames, self.ind, self.drop = model, frames, indicators, drop_prob
+        self.knowledge_insulation = knowledge_insulation
         c = model.config
         self.enc = prompt_encoder_for(model, tokenizer)
         self.state = torch.from_numpy(normalized(stats["state"], frames.state, c.normalization))
@@ -98,6 +100,7 @@ class _PolicyLoss(nn.Module):
         ti = torch.from_numpy(idx)
         return flow_matching_loss(self.model, torch.from_numpy(f.images[idx]), self.state[ti], prompts, ind,
                                   self.chunk[ti], prompt_encoder=self.enc, noise=torch.from_numpy(noise), time=time,
+                                  knowledge_insulation=self.knowledge_insulation,
                                   goal=None if self.goal is None else self.goal[ti], goal_weight=self.goal_weight)
 
 
@@ -116,13 +119,15 @@ def train_policy(frames: Frames, out: str | Path | None, init: str | Path | None
                  lr: float = 3e-4, seed: int = 0, device: str | None = None, progress: bool = True,
                  joint_names: list[str] | None = None, description: str = "",
                  model_overrides: dict | None = None, action_space: str = ACTION_SPACE, tokenizer: str | None = None,
-                 goal_weight: float = 1.0, warmup: int = 50,
+                 goal_weight: float = 1.0, warmup: int = 50, knowledge_insulation: bool = False,
                  run: trainer.RunDir | None = None) -> tuple[Pi06Policy, list[float]]:
     """Fine-tune the bundle ``init`` (weights, norm stats, tokenizer and action space kept) or train
     ``preset_name`` from scratch (norm stats from ``frames``, outputs in ``action_space``, prompts tokenised by
     ``tokenizer``: "byte" (default), or "bpe" = :func:`~recap_ros.policy.tokenizer.train_bpe` on the frames' prompts);
     writes a bundle to ``out`` on rank 0. A model with a goal head (``goal_dim``) also learns to predict the frames'
-    goals, weighted by ``goal_weight``. ``run``: checkpoints, resume and metrics
+    goals, weighted by ``goal_weight``. ``knowledge_insulation`` (π0.5 / π0.6): the action expert's loss does not
+    reach the backbone (its keys and values are detached), which then learns only from its own objective (the goal
+    head here) or stays as imported. ``run``: checkpoints, resume and metrics
     (:func:`recap_ros.recap.trainer.fit`)."""
     if not 0.0 <= drop_prob < 1.0:
         raise ValueError(f"indicator drop probability must be in [0, 1) (got {drop_prob})")
@@ -150,7 +155,8 @@ def train_policy(frames: Frames, out: str | Path | None, init: str | Path | None
         stats = compute_norm_stats(frames.state, action_targets(frames, action_space))
     check_frames(model, frames)
     indicators = training_indicators(frames, sft)
-    loss = _PolicyLoss(model, frames, indicators, stats, drop_prob, action_space, goal_weight, tokenizer)
+    loss = _PolicyLoss(model, frames, indicators, stats, drop_prob, action_space, goal_weight, tokenizer,
+                       knowledge_insulation)
     losses = trainer.fit(loss, len(frames), steps, batch_size, lr, dist, seed=seed,
                          desc="policy" + (" (SFT)" if sft else "") + (" + goal" if loss.goal is not None else ""),
                          progress=progress, warmup=warmup, run=run)
