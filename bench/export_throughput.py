@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from recap_ros.export import cli
 from recap_ros.dataset.reader import RecapDataset
 from recap_ros.dataset.writer import VideoOptions
+from recap_ros.export import cli
 from recap_ros.export.synth import SynthEpisode, write_episode_bag
 from recap_ros.station import load_station
 

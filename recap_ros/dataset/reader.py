@@ -24,13 +24,18 @@ import pyarrow.parquet as pq
 from recap_ros.dataset.layout import CODEBASE_VERSION, INFO_PATH, STATS_PATH, read_episodes, read_tasks
 
 
+SEEK_GAP = 30  # frames: decode forward up to this far to the next frame asked for, else seek (a GOP is 10)
+
+
 class DatasetReadError(RuntimeError):
     """The dataset is missing, not LeRobot v3.0, or inconsistent; the text names the file."""
 
 
 class RecapDataset:
-    def __init__(self, root: str | Path, image_size: tuple[int, int] | None = None, cache_episodes: int = 2):
-        """image_size: (height, width) to downscale frames to while decoding (None: stored size)."""
+    def __init__(self, root: str | Path, image_size: tuple[int, int] | None = None, cache_episodes: int = 2,
+                 keep_open: bool = False):
+        """image_size: (height, width) to downscale frames to while decoding (None: stored size); keep_open: keep
+        each video open between calls (random access to frames, :meth:`close` ends it)."""
         self.root = Path(root)
         info_path = self.root / INFO_PATH
         try:
@@ -71,6 +76,8 @@ class RecapDataset:
             raise DatasetReadError(f"{self.root}: {len(self._columns['index'])} frames in data/, info.json says "
                                    f"{self.info['total_frames']}")
         self._cache: OrderedDict[int, dict] = OrderedDict()
+        self._meta: dict[int, dict] = {}
+        self._keep_open, self._open_videos = bool(keep_open), {}
         self._cache_size = max(0, int(cache_episodes))
 
     # ------------------------------------------------------------------------------------ tabular
@@ -104,9 +111,11 @@ class RecapDataset:
 
     def episode_meta(self, ep: int) -> dict:
         """The episode's row of meta/episodes (lengths, file locations, recap/* facts; no stats)."""
-        cols = [c for c in self.episodes.column_names if not c.startswith("stats/")]
-        idx = int(np.flatnonzero(self.episodes.column("episode_index").to_numpy() == int(ep))[0])
-        return {c: self.episodes.column(c)[idx].as_py() for c in cols}
+        if int(ep) not in self._meta:
+            cols = [c for c in self.episodes.column_names if not c.startswith("stats/")]
+            idx = int(np.flatnonzero(self.episodes.column("episode_index").to_numpy() == int(ep))[0])
+            self._meta[int(ep)] = {c: self.episodes.column(c)[idx].as_py() for c in cols}
+        return dict(self._meta[int(ep)])
 
     def episode(self, ep: int) -> dict[str, np.ndarray]:
         lo, hi = self.episode_range(ep)
@@ -116,33 +125,66 @@ class RecapDataset:
 
     # ------------------------------------------------------------------------------------ images
     def _decode(self, ep: int, key: str) -> np.ndarray:
+        lo, hi = self.episode_range(ep)
+        return self.frames(ep, key, np.arange(hi - lo))
+
+    def frames(self, ep: int, key: str, ticks) -> np.ndarray:
+        """(len(ticks), H, W, 3) uint8 RGB: frames ``ticks`` (0-based in the episode, any order, repeats allowed)
+        of one episode's video (not cached). Decoding runs forward from the keyframe before a frame; a frame more
+        than :data:`SEEK_GAP` past the last decoded one is reached by a new seek instead."""
         meta = self.episode_meta(ep)
         lo, hi = self.episode_range(ep)
         n = hi - lo
+        ticks = np.asarray(ticks, np.int64).reshape(-1)
+        h, w = self.image_size or tuple(self.features[key]["shape"][:2])
+        if not len(ticks):
+            return np.empty((0, h, w, 3), dtype=np.uint8)
+        if ticks.min() < 0 or ticks.max() >= n:
+            raise IndexError(f"episode {ep} has frames 0..{n - 1}, asked for {ticks.min()}..{ticks.max()}")
         path = self.root / self.info["video_path"].format(video_key=key,
                                                            chunk_index=meta[f"videos/{key}/chunk_index"],
                                                            file_index=meta[f"videos/{key}/file_index"])
         first = int(round(meta[f"videos/{key}/from_timestamp"] * self.fps))
-        h, w = self.image_size or tuple(self.features[key]["shape"][:2])
-        out = np.empty((n, h, w, 3), dtype=np.uint8)
-        got = 0
-        with av.open(str(path)) as c:
+        c = self._open(path)
+        try:
             stream = c.streams.video[0]
-            stream.thread_type = "AUTO"
-            if first > 0:
-                c.seek(int(first / self.fps / stream.time_base), stream=stream, backward=True, any_frame=False)
-            for frame in c.decode(stream):
-                i = int(round(frame.time * self.fps)) - first
-                if i < 0:
-                    continue
-                if i >= n:
-                    break
-                out[i] = frame.to_ndarray(format="rgb24", width=w, height=h)
-                got = max(got, i + 1)
-        if got != n:
-            raise DatasetReadError(f"{path}: episode {ep} needs frames {first}..{first + n - 1}, the video "
-                                   f"ends after {first + got - 1}")
-        return out
+            uniq, inverse = np.unique(ticks, return_inverse=True)
+            out = np.empty((len(uniq), h, w, 3), dtype=np.uint8)
+            decoded, at = None, None
+            for j, t in enumerate(uniq.tolist()):
+                if decoded is None or not at < t <= at + SEEK_GAP:
+                    c.seek(int((first + t) / self.fps / stream.time_base), stream=stream, backward=True,
+                           any_frame=False)
+                    decoded = c.decode(stream)
+                for frame in decoded:
+                    at = int(round(frame.time * self.fps)) - first
+                    if at >= t:
+                        break
+                if at != t:
+                    raise DatasetReadError(f"{path}: episode {ep} needs frame {first + t} of {first}.."
+                                           f"{first + n - 1}, the video does not hold it")
+                out[j] = frame.to_ndarray(format="rgb24", width=w, height=h)
+        finally:
+            if not self._keep_open:
+                c.close()
+        return out if np.array_equal(uniq, ticks) else out[inverse]
+
+    def _open(self, path: Path):
+        """The video's container: opened for this call (frame-threaded decoding, for long runs), or kept open
+        across calls (``keep_open``: random access, no decoder threads)."""
+        if not self._keep_open:
+            c = av.open(str(path))
+            c.streams.video[0].thread_type = "AUTO"
+            return c
+        if path not in self._open_videos:
+            self._open_videos[path] = av.open(str(path))
+        return self._open_videos[path]
+
+    def close(self) -> None:
+        """Close the videos kept open (``keep_open``)."""
+        for c in self._open_videos.values():
+            c.close()
+        self._open_videos.clear()
 
     def images(self, ep: int, keys: list[str] | None = None) -> dict[str, np.ndarray]:
         """{image key: (T, H, W, 3) uint8 RGB} for one episode (cached for the last few episodes)."""

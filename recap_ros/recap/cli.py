@@ -8,7 +8,8 @@ against them). A training run keeps its checkpoints, ``metrics.csv`` and TensorB
 successful and of the failed episodes and prints how well V ranks their frames by return and how well it is
 calibrated (also written to the bundle's README.md).
 
-    recap-train-value DATA --out models/value_it1 [--init models/value_pre] [--plots plots/]
+    recap-train-value DATA --out models/value_it1 [--init models/value_pre | --init-backbone models/sim_sft]
+        [--workers 2] [--plots plots/]
     recap-label DATA --value models/value_it1 --mode finetune --out labels.parquet [--plots plots/]
     recap-train-policy DATA --init models/sim_sft --labels labels.parquet --out models/sim_it1
     recap-train-policy DATA --sft --preset tiny --out models/sim_sft
@@ -101,8 +102,15 @@ def train_value_main(argv=None) -> int:
                                 "p(V | o, l) over 201 return bins (cross-entropy, Eq. 1).")
     _common(p)
     p.add_argument("--out", required=True, help="output value bundle directory")
-    p.add_argument("--init", default=None, help="value bundle to fine-tune from (the pre-trained checkpoint)")
-    p.add_argument("--image-size", type=int, default=32, help="value model input size (new models)")
+    init = p.add_mutually_exclusive_group()
+    init.add_argument("--init", default=None, help="value bundle to fine-tune from (the pre-trained checkpoint)")
+    init.add_argument("--init-backbone", default=None, metavar="BUNDLE",
+                      help="policy bundle whose backbone (architecture, vision + language weights, tokenizer) a new "
+                           "VLM value function starts from (default: a small value model from scratch)")
+    p.add_argument("--image-size", type=int, default=32, help="value model input size (new small models)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decode the videos while training, in N DataLoader processes (0: in the training process) "
+                        "instead of all up front (datasets only)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -120,12 +128,19 @@ def train_value_main(argv=None) -> int:
     from recap_ros.recap.value import load_value, predict_values
 
     try:
-        size = load_value(a.init).cfg.backbone.image_size if a.init else a.image_size
-        frames = load_frames(a.data, size, stride=a.stride, max_len=a.max_len)
+        if a.init_backbone:
+            from recap_ros.policy.bundle import open_bundle
+
+            size = open_bundle(a.init_backbone).config.image_size
+        else:
+            size = load_value(a.init).cfg.backbone.image_size if a.init else a.image_size
+        frames = load_frames(a.data, size, stride=a.stride, max_len=a.max_len,
+                             decode="upfront" if a.workers is None else "lazy")
         held = value_quality.holdout_episodes(frames.episode_index, frames.episode_success, a.holdout, a.seed)
         train = frames.subset(~held)
         model, losses = train_value(train, a.out, init=a.init, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                                    seed=a.seed, device=a.device, warmup=a.warmup, run=_run_dir(a))
+                                    seed=a.seed, device=a.device, warmup=a.warmup, run=_run_dir(a),
+                                    init_backbone=a.init_backbone, workers=a.workers or 0)
     except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
         return _fail(p.prog, e)
     if os.environ.get("RANK", "0") != "0":
@@ -230,6 +245,9 @@ def train_policy_main(argv=None) -> int:
                         "prompts, stored in the bundle); with --init the checkpoint's")
     p.add_argument("--goal-weight", type=float, default=1.0,
                    help="weight of the goal head's loss (models with goal_dim, frames with goals)")
+    p.add_argument("--knowledge-insulation", action="store_true",
+                   help="stop the action expert's gradient into the backbone (π0.5 / π0.6 knowledge insulation: "
+                        "an imported VLM backbone is kept, or learns from the goal head only)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -245,9 +263,6 @@ def train_policy_main(argv=None) -> int:
     try:
         overrides = json.loads(a.model)
         cfg = open_bundle(a.init).config if a.init else preset(a.preset, **overrides)
-    p.add_argument("--knowledge-insulation", action="store_true",
-                   help="stop the action expert's gradient into the backbone (π0.5 / π0.6 knowledge insulation: "
-                        "an imported VLM backbone is kept, or learns from the goal head only)")
         frames = load_frames(a.data, cfg.image_size, cfg.chunk_len, stride=a.stride, max_len=a.max_len)
         if a.labels:
             frames = apply_labels(frames, a.labels)
@@ -255,6 +270,7 @@ def train_policy_main(argv=None) -> int:
                                  steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
                                  model_overrides=overrides, action_space=a.action_space,
                                  tokenizer=a.tokenizer, goal_weight=a.goal_weight, warmup=a.warmup,
+                                 knowledge_insulation=a.knowledge_insulation,
                                  run=_run_dir(a),
                                  description=f"recap-train-policy {'SFT' if a.sft else 'advantage-conditioned'} "
                                              f"on {a.data} ({len(frames)} frames)")
@@ -263,4 +279,3 @@ def train_policy_main(argv=None) -> int:
     _report(f"policy: {len(frames)} frames; loss {np.mean(losses[:20]):.4f} -> {np.mean(losses[-20:]):.4f}; "
           f"bundle {a.out}")
     return 0
-                                 knowledge_insulation=a.knowledge_insulation,

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recap_ros.recap.data import Frames, chunks, concat, kept_ticks, load_frames_npz
+from recap_ros.recap.data import Frames, chunks, kept_ticks, load_frames_npz
 
 IMAGE_KEY = "observation.images.{role}"
 ROLES = ("base", "left_wrist", "right_wrist")
@@ -44,10 +44,14 @@ def _normalisation(ds, ep: int) -> tuple[int, float, str]:
 
 
 def load_frames(source: str | Path, image_size: int, chunk_len: int = 50, stride: int = 1,
-                max_len: int | None = None, progress: bool = True) -> Frames:
+                max_len: int | None = None, progress: bool = True, decode: str = "upfront") -> Frames:
     """Frames from a .npz frames cache or a LeRobot dataset directory (every ``stride``-th frame + the last).
-    ``max_len``: a check only; refused unless every episode's stored M equals it."""
+    ``max_len``: a check only; refused unless every episode's stored M equals it. ``decode`` (datasets only):
+    'upfront' decodes every frame's images now (one sequential pass per video); 'lazy' leaves them in the videos
+    (``images`` is a :class:`recap_ros.recap.loader.DatasetImages`, decoded per batch while training)."""
     source = Path(source)
+    if decode not in ("upfront", "lazy"):
+        raise ValueError(f"decode must be 'upfront' or 'lazy' (got {decode!r})")
     if source.suffix == ".npz":
         f = load_frames_npz(source)
         if f.images.shape[2] != image_size:
@@ -57,13 +61,16 @@ def load_frames(source: str | Path, image_size: int, chunk_len: int = 50, stride
     from tqdm import tqdm
 
     from recap_ros.dataset.reader import RecapDataset
+    from recap_ros.recap.loader import DatasetImages
 
     ds = RecapDataset(source, image_size=(image_size, image_size))
     norm = [_normalisation(ds, ep) for ep in range(ds.num_episodes)]
     check_max_len(max_len, [m for m, _, _ in norm], source, range(ds.num_episodes), [t for _, _, t in norm])
     keys = [IMAGE_KEY.format(role=r) for r in ROLES]
-    parts = []
-    for ep in tqdm(range(ds.num_episodes), desc="load", disable=not progress, dynamic_ncols=True):
+    prompts: list[str] = []
+    cols: dict[str, list] = {}
+    for ep in tqdm(range(ds.num_episodes), desc="load", disable=not progress or decode == "lazy",
+                   dynamic_ncols=True):
         e = ds.episode(ep)
         T = len(e["frame_index"])
         if T == 0:
@@ -71,25 +78,33 @@ def load_frames(source: str | Path, image_size: int, chunk_len: int = 50, stride
         keep = kept_ticks(T, stride)
         n = len(keep)
         M, c_fail, _ = norm[ep]
-        imgs = ds.images(ep, keys)
+        if e["task"] not in prompts:
+            prompts.append(e["task"])
         ret, rn = np.asarray(e["return"], np.float64).reshape(-1), np.asarray(e["return_normalized"]).reshape(-1)
-        cols = dict(
-            images=np.stack([imgs[k][keep] for k in keys], 1), state=e["observation.state"][keep].astype(np.float32),
+        part = dict(
+            state=e["observation.state"][keep].astype(np.float32),
             action_chunk=chunks(e["action"].astype(np.float32), chunk_len)[keep],
             intervention=e["intervention"].reshape(-1).astype(bool)[keep],
             episode_index=np.full(n, ep, np.int64), frame_index=keep.astype(np.int64),
-            task_index=np.zeros(n, np.int64), prompts=[e["task"]], ret=ret[keep],
+            task_index=np.full(n, prompts.index(e["task"]), np.int64), ret=ret[keep],
             return_normalized=rn[keep].astype(np.float64),
             return_bin=e["return_bin"].reshape(-1)[keep].astype(np.int64),
             episode_success=e["episode_success"].reshape(-1).astype(bool)[keep],
             max_len=np.full(n, M, np.int64), c_fail=np.full(n, c_fail))
-        try:
-            parts.append(Frames(**cols))
-        except ValueError as err:  # e.g. returns normalised by another length than meta/episodes says
-            raise ValueError(f"{source}: {err}") from None
-    if not parts:
+        if decode == "upfront":
+            imgs = ds.images(ep, keys)
+            part["images"] = np.stack([imgs[k][keep] for k in keys], 1)
+        for k, v in part.items():
+            cols.setdefault(k, []).append(v)
+    if not cols:
         raise ValueError(f"{source}: no frames")
-    return concat(parts)
+    cols = {k: np.concatenate(v) for k, v in cols.items()}
+    if decode == "lazy":
+        cols["images"] = DatasetImages(source, keys, image_size, cols["episode_index"], cols["frame_index"])
+    try:
+        return Frames(prompts=prompts, **cols)
+    except ValueError as err:  # e.g. returns normalised by another length than meta/episodes says
+        raise ValueError(f"{source}: {err}") from None
 
 
 def write_labels(path: str | Path, frames: Frames, advantage: np.ndarray, indicator: np.ndarray,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from recap_ros.policy.tokenizer import ByteTokenizer, PromptEncoder
-from recap_ros.recap import trainer
+from recap_ros.recap import loader, trainer
 from recap_ros.recap.data import Frames
 from recap_ros.recap.value import (
     ValueConfig,
@@ -19,6 +19,7 @@ from recap_ros.recap.value import (
     default_backbone,
     load_value,
     save_value,
+    vlm_value_model,
 )
 
 
@@ -61,19 +62,27 @@ def new_value_model(frames: Frames, **backbone_overrides) -> ValueModel:
 def train_value(frames: Frames, out: str | Path | None = None, init: str | Path | None = None, steps: int = 500,
                 batch_size: int = 64, lr: float = 3e-4, seed: int = 0, device: str | None = None,
                 progress: bool = True, backbone_overrides: dict | None = None, warmup: int = 50,
-                run: trainer.RunDir | None = None) -> tuple[ValueModel, list[float]]:
-    """Fine-tune from ``init`` (a value bundle) or train from scratch; saves a bundle to ``out`` on rank 0.
-    ``run``: checkpoints, resume and metrics (:func:`recap_ros.recap.trainer.fit`)."""
+                run: trainer.RunDir | None = None, init_backbone: str | Path | None = None,
+                workers: int = 0) -> tuple[ValueModel, list[float]]:
+    """Fine-tune from ``init`` (a value bundle), or train a new model: a ``vlm`` one started from the policy bundle
+    ``init_backbone``'s backbone, else a ``small`` one; saves a bundle to ``out`` on rank 0. ``run``: checkpoints,
+    resume and metrics (:func:`recap_ros.recap.trainer.fit`). Images not yet decoded (``load_frames(...,
+    decode='lazy')``) are decoded ahead in ``workers`` DataLoader processes (:mod:`recap_ros.recap.loader`)."""
     dist = trainer.setup(device)
     torch.manual_seed(seed)
-    if init is not None:
-        model = load_value(init)  # the given checkpoint, never the previous iteration's result
+    if init is not None and init_backbone is not None:
+        raise ValueError(f"give a value bundle to fine-tune ({init}) or a policy backbone to start from "
+                         f"({init_backbone}), not both")
+    if init is not None or init_backbone is not None:
+        # the given checkpoint, never the previous iteration's result
+        model = load_value(init) if init is not None else vlm_value_model(init_backbone, frames.state)
         bb = model.cfg.backbone
         if bb.image_size != frames.images.shape[2] or bb.num_cameras != frames.images.shape[1]:
-            raise ValueError(f"{init}: value model takes {bb.num_cameras} x {bb.image_size}^2 views, "
-                             f"frames have {frames.images.shape[1]} x {frames.images.shape[2]}^2")
+            raise ValueError(f"{init or init_backbone}: value model takes {bb.num_cameras} x {bb.image_size}^2 "
+                             f"views, frames have {frames.images.shape[1]} x {frames.images.shape[2]}^2")
     else:
         model = new_value_model(frames, **(backbone_overrides or {}))
+    frames = loader.prefetched(frames, steps, batch_size, seed, workers, dist.rank, dist.world)
     if frames.return_bin.max() >= model.cfg.num_bins or frames.return_bin.min() < 0:
         raise ValueError(f"return bins span [{frames.return_bin.min()}, {frames.return_bin.max()}], "
                          f"outside the model's {model.cfg.num_bins} bins")

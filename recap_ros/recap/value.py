@@ -2,16 +2,25 @@
 
 Inputs are the policy's: the camera views, the joint state and the task prompt. The backbone is the policy's
 own :class:`recap_ros.policy.model.PrefixEncoder` (vision encoder + Gemma-class layers, prompt tokens through the
-policy's prompt encoder) built from a smaller config; its final hidden states are mean-pooled over the valid
-tokens into a linear head with one logit per bin.
+policy's prompt encoder); its final hidden states are mean-pooled over the valid tokens into a linear head with
+one logit per bin. Two kinds:
+
+- ``small``: a smaller config than the policy's (:func:`default_backbone`), byte tokenizer, random init.
+- ``vlm``: the architecture of a policy bundle's backbone (the paper's value function is a VLM of its own, 670M
+  next to the 4B policy), started from that bundle's vision + language weights (``recap-train-value
+  --init-backbone BUNDLE``) and using the bundle's tokenizer (a SentencePiece model is copied into the value
+  bundle). The action expert is not part of it; a state projection is added when the policy has none.
 Trained with cross-entropy against the bin of the empirical return (Eq. 1); the continuous value is
 V(o_t) = sum_b p(b) v(b) with v(b) from :func:`recap_ros.recap.returns.bin_values`.
 
-Bundle: ``config.json`` (architecture + state normalisation) and ``model.safetensors`` in one directory.
+Bundle: ``config.json`` (architecture, tokenizer, state normalisation, where the backbone came from),
+``model.safetensors`` and, for a SentencePiece tokenizer, its ``tokenizer.model``, in one directory.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +32,7 @@ from torch import nn
 from recap_ros.policy.config import PolicyConfig, preset
 from recap_ros.policy.errors import PolicyError
 from recap_ros.policy.model import PrefixEncoder, images_to_float
-from recap_ros.policy.tokenizer import ByteTokenizer, PromptEncoder
+from recap_ros.policy.tokenizer import ByteTokenizer, PromptEncoder, load_tokenizer
 from recap_ros.recap import returns as rt
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -47,10 +56,17 @@ class ValueConfig:
     num_bins: int = rt.NUM_BINS
     state_mean: list = field(default_factory=list)  # filled from the training data
     state_std: list = field(default_factory=list)
+    tokenizer: dict = field(default_factory=lambda: ByteTokenizer().spec())  # spec as in a policy bundle
+    backbone_from: str | None = None  # the policy bundle the backbone started from (None: small, random init)
+
+    @property
+    def kind(self) -> str:
+        return "small" if self.backbone_from is None else "vlm"
 
     def to_json(self) -> dict:
         return {"kind": "recap_value", "backbone": self.backbone.to_json(), "num_bins": self.num_bins,
-                "state_mean": list(self.state_mean), "state_std": list(self.state_std)}
+                "state_mean": list(self.state_mean), "state_std": list(self.state_std),
+                "tokenizer": dict(self.tokenizer), "backbone_from": self.backbone_from}
 
     @classmethod
     def from_json(cls, d: dict) -> ValueConfig:
@@ -58,16 +74,17 @@ class ValueConfig:
             raise ValueBundleError(f"kind is {d.get('kind')!r}, not 'recap_value'")
         try:
             return cls(PolicyConfig.from_json(d["backbone"]), int(d["num_bins"]), list(d["state_mean"]),
-                       list(d["state_std"]))
+                       list(d["state_std"]), dict(d.get("tokenizer", ByteTokenizer().spec())),
+                       d.get("backbone_from"))
         except (KeyError, PolicyError) as e:
             raise ValueBundleError(f"bad value config ({e})") from None
 
 
 class ValueModel(nn.Module):
     """The policy's PrefixEncoder (vision + prompt + state token, no advantage segment) -> masked mean-pool ->
-    linear head with one logit per return bin."""
+    linear head with one logit per return bin. ``tokenizer``: the one ``cfg.tokenizer`` names (default: byte)."""
 
-    def __init__(self, cfg: ValueConfig):
+    def __init__(self, cfg: ValueConfig, tokenizer=None):
         super().__init__()
         self.cfg = cfg
         bb = cfg.backbone
@@ -75,7 +92,14 @@ class ValueModel(nn.Module):
             raise ValueError("the value backbone needs state_input='prefix' (the state is an input of V)")
         self.encoder = PrefixEncoder(bb)
         self.head = nn.Linear(bb.width, cfg.num_bins)
-        self.prompts = PromptEncoder(ByteTokenizer(), bb.max_text_tokens, bb.max_advantage_tokens)
+        self.tokenizer = tokenizer or ByteTokenizer()
+        if self.tokenizer.spec()["type"] != cfg.tokenizer.get("type"):
+            raise ValueError(f"value config names a {cfg.tokenizer.get('type')!r} tokenizer, given a "
+                             f"{self.tokenizer.spec()['type']!r} one")
+        if self.tokenizer.vocab_size > bb.vocab_size:
+            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens, the value backbone's vocab_size "
+                             f"is {bb.vocab_size}")
+        self.prompts = PromptEncoder(self.tokenizer, bb.max_text_tokens, bb.max_advantage_tokens)
         mean = torch.tensor(cfg.state_mean or [0.0] * bb.state_dim, dtype=torch.float32)
         std = torch.tensor(cfg.state_std or [1.0] * bb.state_dim, dtype=torch.float32)
         self.register_buffer("state_mean", mean, persistent=False)
@@ -106,9 +130,36 @@ class ValueModel(nn.Module):
         return torch.softmax(logits.float(), -1) @ self.bin_values
 
 
+def vlm_value_model(bundle, state: np.ndarray, camera_roles: tuple[str, ...] | None = None) -> ValueModel:
+    """A ``vlm`` value model: the policy bundle's backbone architecture and vision + language weights (its
+    PrefixEncoder; the action expert and goal head are dropped), its tokenizer, a new head, and state
+    normalisation from ``state`` (N, D). A state projection is new when the policy feeds the state elsewhere."""
+    from recap_ros.policy.bundle import open_bundle
+
+    b = bundle if hasattr(bundle, "load_model") else open_bundle(bundle)
+    if state.shape[1] != b.config.state_dim:
+        raise ValueError(f"{b.dir}: backbone takes a {b.config.state_dim}-dim state, the frames have "
+                         f"{state.shape[1]}")
+    bb = dataclasses.replace(b.config, state_input="prefix", goal_dim=0,
+                             camera_roles=tuple(camera_roles or b.config.camera_roles)).validate()
+    cfg = ValueConfig(bb, state_mean=state.mean(0).tolist(), state_std=(state.std(0) + 1e-3).tolist(),
+                      tokenizer=b.tokenizer.spec(), backbone_from=f"{b.name} ({b.dir}, bundle {b.bundle_id})")
+    model = ValueModel(cfg, b.tokenizer)
+    prefix = {k.removeprefix("prefix."): v for k, v in b.load_model().state_dict().items() if k.startswith("prefix.")}
+    missing, unexpected = model.encoder.load_state_dict(prefix, strict=False)
+    new = {k for k in missing if k.startswith("state_proj.")} if b.config.state_input != "prefix" else set()
+    if set(missing) - new or unexpected:
+        raise ValueError(f"{b.dir}: policy backbone weights do not fit the value backbone (missing "
+                         f"{sorted(set(missing) - new)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    return model
+
+
 def save_value(model: ValueModel, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    spec = model.tokenizer.spec()
+    if spec["type"] == "sentencepiece" and Path(model.tokenizer.path).resolve() != (path / spec["file"]).resolve():
+        shutil.copyfile(model.tokenizer.path, path / spec["file"])
     (path / CONFIG_FILE).write_text(json.dumps(model.cfg.to_json(), indent=1))
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path / WEIGHTS_FILE))
     return path
@@ -126,7 +177,11 @@ def load_value(path: str | Path, device: str | torch.device = "cpu") -> ValueMod
     except ValueBundleError as e:
         raise ValueBundleError(f"{cfg_file}: {e}") from None
     try:
-        model = ValueModel(cfg)
+        tokenizer = load_tokenizer(cfg.tokenizer, path)
+    except PolicyError as e:
+        raise ValueBundleError(f"{cfg_file}: {e}") from None
+    try:
+        model = ValueModel(cfg, tokenizer)
         model.load_state_dict(load_file(str(w_file)))
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueBundleError(f"{path}: weights do not match the config ({e})") from e
