@@ -86,3 +86,13 @@ def test_training_on_decoded_batches_is_bit_identical(dataset):
         # every training step was served from the plan; the one request off it is the trainer's unused-parameter
         # probe (two samples before the first step)
         assert served.images.served == steps and served.images.misses == 1
+
+
+def test_a_run_resumed_mid_plan_is_served_from_there(dataset):
+    lazy = load_frames(dataset, SIZE, decode="lazy", progress=False)
+    plan = loader.trainer_plan(len(lazy), 6, 4, seed=0)
+    served = loader.Prefetched(lazy.images, plan, workers=0)
+    np.testing.assert_array_equal(served[plan[3]], lazy.images.decode(plan[3]))  # resumed at step 3
+    np.testing.assert_array_equal(served[plan[4]], lazy.images.decode(plan[4]))
+    np.testing.assert_array_equal(served[np.array([0, 0])], lazy.images.decode([0, 0]))  # off the plan
+    assert (served.served, served.misses) == (2, 1)

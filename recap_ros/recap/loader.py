@@ -8,8 +8,8 @@ decoding (``Frames.subset``). Memory is the batch, not the dataset.
 :class:`Prefetched` serves a planned sequence of batches (the trainer's sample order, known before training:
 :func:`trainer_plan`) from a ``torch.utils.data.DataLoader`` whose ``workers`` processes decode ahead
 (``prefetch`` batches each; workers are spawned, not forked: a fork of a process that has decoded video or run
-torch can inherit a held lock and hang). A request that is not the next planned batch is decoded in place, so results never
-depend on the plan; ``misses`` counts them and ``wait_s`` is the time the training process spent waiting for
+torch can inherit a held lock and hang). A request that is a later planned batch (a resumed run) restarts the loader there; one
+that is not in the plan is decoded in place, so results never depend on the plan; ``misses`` counts them and ``wait_s`` is the time the training process spent waiting for
 images. Decoding is deterministic, so every path gives bit-identical pixels to decoding whole episodes.
 """
 from __future__ import annotations
@@ -103,18 +103,30 @@ class Prefetched:
     this process when asked for, which is still the DataLoader path)."""
 
     def __init__(self, images: DatasetImages, plan, workers: int = 2, prefetch: int = 4):
-        import torch.utils.data
-
         if workers < 0:
             raise ValueError(f"--workers must be >= 0 (got {workers})")
         self.images, self.plan = images, [np.asarray(p, np.int64) for p in plan]
-        self.workers = int(workers)
-        loader = torch.utils.data.DataLoader(_PlannedBatches(images, self.plan), batch_size=None, shuffle=False,
-                                             num_workers=self.workers, collate_fn=_as_is,
-                                             prefetch_factor=prefetch if self.workers else None,
-                                             multiprocessing_context="spawn" if self.workers else None)
-        self._it, self._next = iter(loader), 0
+        self.workers, self.prefetch = int(workers), prefetch
         self.wait_s, self.misses, self.served = 0.0, 0, 0
+        self._start(0)
+
+    def _start(self, pos: int) -> None:
+        """Decode the plan from batch ``pos`` on (a new DataLoader and workers)."""
+        import torch.utils.data
+
+        loader = torch.utils.data.DataLoader(_PlannedBatches(self.images, self.plan[pos:]), batch_size=None,
+                                             shuffle=False, num_workers=self.workers, collate_fn=_as_is,
+                                             prefetch_factor=self.prefetch if self.workers else None,
+                                             multiprocessing_context="spawn" if self.workers else None)
+        self._it, self._next = iter(loader), pos
+
+    def _find(self, rows: np.ndarray) -> int | None:
+        """The planned batch that equals ``rows``, looking from the next one on first (a resumed run starts
+        mid-plan)."""
+        for j in [*range(self._next, len(self.plan)), *range(self._next)]:
+            if np.array_equal(rows, self.plan[j]):
+                return j
+        return None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -130,7 +142,10 @@ class Prefetched:
         if rows is None or rows.dtype == bool or rows.ndim != 1:
             return self.images[index]
         t0 = time.perf_counter()
-        if self._next < len(self.plan) and np.array_equal(rows, self.plan[self._next]):
+        at = self._find(rows) if len(rows) else None
+        if at is not None and at != self._next:
+            self._start(at)
+        if at is not None:
             out = next(self._it)
             self._next += 1
             self.served += 1
