@@ -115,7 +115,8 @@ def test_without_fp32_islands_bf16_positions_break(graphs, monkeypatch):
 def test_islands_cover_positions_norms_softmax(graphs):
     _, out = graphs
     g = load_for_conversion(out / "denoise_s5.onnx").graph
-    kept = {n.op_type for n in g.node if n.name in fp32_island_nodes(g)}
+    islands = fp32_island_nodes(g)
+    kept = {n.op_type for n in g.node if n.name in islands}
     assert {"Cos", "Sin", "Softmax", "ReduceMean", "Sqrt", "ReduceSum"} <= kept  # ReduceSum: kv_mask -> positions
     assert "MatMul" not in kept and "Gemm" not in kept  # the heavy ops run in the compute precision
     bf16_prefix = fp32_island_nodes(load_for_conversion(out / "prefix.onnx").graph, "tensor(bfloat16)")

@@ -128,7 +128,7 @@ class OrtBackend(Backend):
         if wanted[0] not in available:
             raise PolicyError(f"{backend} backend: ONNX Runtime here has no {wanted[0]} (available: {available}; "
                               "pip install .[gpu] brings onnxruntime-gpu)")
-        device_id = _cuda_index(device)
+        device_id = 0 if backend == "onnxruntime" else _cuda_index(device)  # CPU: device is not used
         self.cache = cache_dir(bundle)
         self.providers = []
         for p in wanted:
