@@ -71,7 +71,7 @@ L=$(left)
 step "policy_latency --gpu, pi06 random weights (${L} s left)"
 if [ "$L" -gt 60 ]; then
   timeout "$L" $PY bench/policy_latency.py --gpu --presets pi06 --duration 3 --workdir "${PI06_WORKDIR:-/tmp/recap_pi06_bench}" \
-    || echo "pi06: stopped (exit $?) after $(($(date +%s) - T0)) s: export + engine builds need more time than was left"
+    || echo "pi06: exit $? after $(($(date +%s) - T0)) s (124: the time left ran out; export + engine builds need more)"
 else
   echo "pi06: skipped, only ${L} s left"
 fi
