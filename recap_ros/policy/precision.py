@@ -2,7 +2,9 @@
 the precision of every tensor comes from the graph).
 
 :func:`reduce_precision` turns an fp32 export into an fp16 or bf16 graph with fp32 islands, using ONNX Runtime's
-maintained fp16 converter (``onnxruntime.transformers.float16``: node block list, casts only at island edges):
+maintained fp16 converter (``onnxruntime.transformers.float16``) with a node block list; the fp16 round trips it
+leaves between two blocked nodes are then removed (:func:`_drop_round_trips`), so casts sit only at island edges.
+The islands:
 
 * positions and flow time: every node upstream of a ``Cos`` / ``Sin`` (mask -> position -> angle) and the
   ``Cos`` / ``Sin`` themselves. bf16 has 8 significant bits: position 840 and 841 are the same bf16 number, so
