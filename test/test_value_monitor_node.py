@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import MessageLog, start_node, stop_node, wait_for
+from helpers import TIMING, MessageLog, start_node, stop_node, wait_for
 
 from recap_ros.station import load_station
 
@@ -101,6 +101,7 @@ def probe(rclpy_context):
         p.close()
 
 
+@TIMING  # the rate check on a loaded 2-core machine
 def test_node_publishes_v_at_its_rate_equal_to_the_offline_value(value_bundle, probe, tmp_path):
     from recap_ros.recap.data import resize_views
     from recap_ros.recap.value import load_value, predict_values
