@@ -42,3 +42,20 @@ def test_random_policy_gets_corrected(station, tmp_path):
     # once the corrector drives, it drives to the end of the episode
     first = np.argmax(f.intervention)
     assert f.intervention[first:].all()
+
+
+def test_policy_views_between_frames_are_not_recorded(station, tmp_path):
+    """A frame stride that does not divide the re-plan period (10 vs 25): the views rendered for the policy's
+    queries at ticks 25, 75, ... are not training frames; the frames are ticks 0, 10, 20, ... and the last."""
+    import torch
+
+    from recap_ros.policy import load_policy
+    from recap_ros.policy.bundle import random_bundle
+
+    torch.set_num_threads(1)
+    random_bundle("tiny", tmp_path / "rand", max_text_tokens=64)
+    policy = load_policy(str(tmp_path / "rand"), backend="torch")
+    ep = Roller(station, image_size=16, policy=policy).run(1_000_002, record=True, frame_stride=10)
+    T = ep.steps
+    expected = sorted(set(range(0, T, 10)) | {T - 1})
+    assert ep.frames.frame_index.tolist() == expected and len(ep.frames.images) == len(expected)

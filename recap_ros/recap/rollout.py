@@ -128,7 +128,8 @@ class Roller:
             q = self.env.state
             mux.on_joint_state(q, now)
             rendered = None
-            if record and tick % frame_stride == 0:
+            frame_tick = record and tick % frame_stride == 0  # a training frame (views rendered for the
+            if frame_tick:                                     # policy between them are not recorded)
                 rendered = self.env.images()
             if scripted:
                 mux.on_command(TELEOP, expert.act(q), now)
@@ -155,7 +156,7 @@ class Roller:
                 states.append(q)
                 actions.append(out.positions)
                 flags.append(out.intervention and not scripted)
-                if rendered is not None:
+                if frame_tick:
                     views.append(resize_views(rendered, self.image_size))
                     view_ticks.append(tick)
             self.env.step(out.positions)
