@@ -187,7 +187,7 @@ def save_graph(model, dst: Path) -> None:
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    big = sum(len(t.raw_data) for t in model.graph.initializer) > 1_000_000_000
+    big = sum(t.ByteSize() for t in model.graph.initializer) > 1_000_000_000
     onnx.save_model(model, str(tmp), save_as_external_data=big, all_tensors_to_one_file=True,
                     location=dst.name + ".data", size_threshold=1024)
     os.replace(tmp, dst)
