@@ -142,3 +142,24 @@ def test_lerobot_pi05_folder_becomes_a_bundle(tmp_path):
     st = bundle.norm_stats["state"]
     np.testing.assert_allclose(st.q01, [-3, -3, -1])  # third dim: padding, identity statistics
     np.testing.assert_allclose(bundle.norm_stats["actions"].q99, [5, 5, 5, 1])
+
+
+def test_openpi_checkpoint_with_norm_stats_json(tmp_path):
+    """openpi's PyTorch layout (LeRobot's names without the leading 'model.'), no config.json, openpi's
+    norm_stats.json (q01/q99 used by π0.5's quantile normalisation)."""
+    _, tensors = _pi05_folder(tmp_path / "lr")
+    src = tmp_path / "openpi"
+    src.mkdir()
+    save_file({k.removeprefix("model."): v for k, v in tensors.items()}, str(src / "model.safetensors"))
+    stats = {"norm_stats": {k: {"mean": [0.0] * 2, "std": [1.0] * 2, "q01": [-2.0, -4.0], "q99": [2.0, 4.0]}
+                            for k in ("state", "actions")}}
+    (tmp_path / "norm_stats.json").write_text(json.dumps(stats))
+    with pytest.raises(PolicyError, match="needs --norm-stats"):
+        plan_import(src, "openpi", {"heads": 4, "kv_heads": 1, "head_dim": 16})
+    plan = plan_import(src, "openpi", {"heads": 4, "kv_heads": 1, "head_dim": 16, "state_dim": 2},
+                       norm_stats=tmp_path / "norm_stats.json")
+    assert plan.config.time_conditioning == "adarms" and plan.config.action_dim == 4
+    np.testing.assert_allclose(plan.norm_stats["actions"].q99, [2, 4, 1, 1])
+    write_weights(plan, tmp_path / "w.safetensors", torch.float32)
+    stored = load_file(str(tmp_path / "w.safetensors"))
+    assert torch.equal(stored["expert.action_in.weight"], tensors["model.action_in_proj.weight"])
