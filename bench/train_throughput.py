@@ -53,8 +53,9 @@ def run(frames, args, label: str) -> list[float]:
     wall = time.perf_counter() - t
     samples = args.steps * args.batch_size
     img = frames.images
-    wait = getattr(img, "wait_s", 0.0)
-    extra = f", {img.misses} batch(es) off the plan" if hasattr(img, "misses") else ""
+    wait, start = getattr(img, "wait_s", 0.0), getattr(img, "startup_s", 0.0)
+    extra = (f"; after the first batch ({start:.2f} s, workers starting): {100 * (wait - start) / (wall - start):.1f}"
+             f" %; {img.misses} batch(es) off the plan" if hasattr(img, "misses") else "")
     print(f"{label:<22} {samples / wall:8.1f} samples/s   data wait {wait:6.2f} s = {100 * wait / wall:5.1f} % of "
           f"{wall:.2f} s{extra}")
     return losses

@@ -1,16 +1,18 @@
 """Training images decoded from the dataset's videos while training runs, instead of all up front (ROS-free).
 
 :class:`DatasetImages` stands in for ``Frames.images`` (N, n_cams, S, S, 3) uint8: indexing it with sample
-indices (an integer array or a slice) decodes those frames from the LeRobot dataset's mp4 files (one seek per
-episode and camera, from the keyframe before the first frame asked for); a boolean mask selects rows without
+indices (an integer array or a slice) decodes those frames from the LeRobot dataset's mp4 files (videos kept
+open; a seek to the keyframe before each run of nearby frames asked for); a boolean mask selects rows without
 decoding (``Frames.subset``). Memory is the batch, not the dataset.
 
 :class:`Prefetched` serves a planned sequence of batches (the trainer's sample order, known before training:
-:func:`trainer_plan`) from a ``torch.utils.data.DataLoader`` whose ``workers`` processes decode ahead
-(``prefetch`` batches each; workers are spawned, not forked: a fork of a process that has decoded video or run
-torch can inherit a held lock and hang). A request that is a later planned batch (a resumed run) restarts the loader there; one
-that is not in the plan is decoded in place, so results never depend on the plan; ``misses`` counts them and ``wait_s`` is the time the training process spent waiting for
-images. Decoding is deterministic, so every path gives bit-identical pixels to decoding whole episodes.
+:func:`trainer_plan`) from a ``torch.utils.data.DataLoader`` whose ``workers`` processes decode ahead (``prefetch``
+batches each; workers are spawned, not forked: a fork of a process that has decoded video or run torch can inherit a
+held lock and hang). A request that is a later planned batch (a resumed run) restarts the loader there; one that is
+not in the plan is decoded in place, so results never depend on the plan; ``misses`` counts them, ``wait_s`` is the
+time the training process spent waiting for images and ``startup_s`` the part of it spent on the first batch of a
+loader (starting its workers). Decoding is deterministic, so every path gives bit-identical pixels to decoding whole
+episodes.
 """
 from __future__ import annotations
 
@@ -107,7 +109,7 @@ class Prefetched:
             raise ValueError(f"--workers must be >= 0 (got {workers})")
         self.images, self.plan = images, [np.asarray(p, np.int64) for p in plan]
         self.workers, self.prefetch = int(workers), prefetch
-        self.wait_s, self.misses, self.served = 0.0, 0, 0
+        self.wait_s, self.startup_s, self.misses, self.served = 0.0, 0.0, 0, 0
         self._start(0)
 
     def _start(self, pos: int) -> None:
@@ -118,7 +120,7 @@ class Prefetched:
                                              shuffle=False, num_workers=self.workers, collate_fn=_as_is,
                                              prefetch_factor=self.prefetch if self.workers else None,
                                              multiprocessing_context="spawn" if self.workers else None)
-        self._it, self._next = iter(loader), pos
+        self._it, self._next, self._fresh = iter(loader), pos, True
 
     def _find(self, rows: np.ndarray) -> int | None:
         """The planned batch that equals ``rows``, looking from the next one on first (a resumed run starts
@@ -152,7 +154,11 @@ class Prefetched:
         else:
             out = self.images.decode(rows)
             self.misses += 1
-        self.wait_s += time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        self.wait_s += waited
+        if at is not None and self._fresh:  # the first batch of a loader includes starting its workers
+            self.startup_s += waited
+            self._fresh = False
         return out
 
     def __array__(self, dtype=None, copy=None):
