@@ -32,6 +32,26 @@ def _dev_command(station: Path) -> tuple[list[str], dict]:
     return [sys.executable, "-m", "recap_ros.runner", str(station), *GRACE], env
 
 
+def _ctrl_c_station(station: Path, log_path: Path, ready, timeout_s: float, what: str, settle_s: float = 0.0,
+                    stop_timeout_s: float = 30) -> tuple[int, str]:
+    """Start `./dev station <station>`, wait until ``ready(log text)``, press Ctrl-C (SIGINT to the process
+    group, as a terminal does) and return (exit code, log)."""
+    cmd, env = _dev_command(station)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
+                                env=env)
+        try:
+            wait_for(lambda: proc.poll() is None and ready(log_path.read_text()), timeout_s, what)
+            time.sleep(settle_s)
+            os.killpg(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=stop_timeout_s)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return rc, log_path.read_text()
+
+
 @pytest.mark.ros
 @pytest.mark.timeout(90)
 def test_dev_station_prints_episode_lines_and_a_summary_at_ctrl_c(rclpy_context, tmp_path):
@@ -41,27 +61,13 @@ def test_dev_station_prints_episode_lines_and_a_summary_at_ctrl_c(rclpy_context,
     data["sim"]["episode_timeout_s"] = 1.5  # short episodes: two finish within seconds of the start
     station = tmp_path / "sim.yaml"
     station.write_text(yaml.safe_dump(data))
-    cmd, env = _dev_command(station)
-    log_path = tmp_path / "station.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
-                                env=env)
-        try:
-            def running():  # two episodes have ended, one of them since the policy drives (its server is up)
-                text = log_path.read_text()
-                return proc.poll() is None and len(EPISODE.findall(text)) >= 2 and \
-                    "[policy_server]: executing chunks" in text and \
-                    EPISODE.search(text, text.index("[policy_server]: executing chunks")) is not None
 
-            wait_for(running, 60, "two episode lines, one since the policy drives")
-            time.sleep(0.3)
-            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the foreground process group
-            rc = proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    out = log_path.read_text()
+    def running(text):  # two episodes have ended, one of them since the policy drives (its server is up)
+        return len(EPISODE.findall(text)) >= 2 and "[policy_server]: executing chunks" in text and \
+            EPISODE.search(text, text.index("[policy_server]: executing chunks")) is not None
+
+    rc, out = _ctrl_c_station(station, tmp_path / "station.log", running, 60,
+                              "two episode lines, one since the policy drives", settle_s=0.3)
     assert rc == 0, out[-3000:]
     assert f"[recap-station] episode bags go to {bags}\n" in out, out[:2000]
     episodes = EPISODE.findall(out)
@@ -96,19 +102,8 @@ def test_ctrl_c_while_the_nodes_start_stops_them_cleanly(rclpy_context, tmp_path
     data["recorder"]["output_dir"] = str(tmp_path / "bags")
     station = tmp_path / "sim.yaml"
     station.write_text(yaml.safe_dump(data))
-    cmd, env = _dev_command(station)
-    log_path = tmp_path / "station.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
-                                env=env)
-        try:
-            wait_for(lambda: log_path.read_text().count("[recap-station] started ") >= 4, 30, "the nodes' start")
-            os.killpg(proc.pid, signal.SIGINT)
-            rc = proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    out = log_path.read_text()
+    rc, out = _ctrl_c_station(station, tmp_path / "station.log",
+                              lambda text: text.count("[recap-station] started ") >= 4, 30, "the nodes' start",
+                              stop_timeout_s=60)
     assert rc == 0 and "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
     assert "exit codes other than 0" not in out and out.rstrip().endswith("[recap-station] stopped (SIGINT)"), out
