@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from recap_ros.export import cli as export_cli
 from recap_ros.dataset.reader import RecapDataset
+from recap_ros.export import cli as export_cli
 from recap_ros.export.synth import SynthEpisode, write_episode_bag
 from recap_ros.recap import advantage, cli
 from recap_ros.recap.data import concat, episode_frames, load_frames_npz, save_frames
@@ -182,6 +182,29 @@ def test_readme_flow_without_flags(dataset, tmp_path, capsys):
                                   str(tmp_path / "l.parquet"), "--steps", "1", "--device", "cpu", "--threads", "1",
                                   "--out", str(tmp_path / "it1")]) == 0
     assert (tmp_path / "it1" / "model.safetensors").is_file()
+
+
+def test_station_default_export_with_a_failure_trains_and_labels(tmp_path, capsys):
+    """The real sim-station path: bags exported with no normalisation flag (M from the station: episode_timeout_s
+    12.0 x 50 Hz = 600 steps, C_fail = M) hold a failure; recap-train-value and recap-label run on it as they are
+    (they used to stop on any export with a failed episode)."""
+    station = load_station("sim")
+    for ep, outcome in ((0, "success"), (1, "failure")):
+        write_episode_bag(tmp_path / "bags", station, SynthEpisode(duration_s=1.2, outcome=outcome, prompt=TASK_A,
+                                                                   episode=ep, start_ns=1_700_000_000 * NS + ep * NS))
+    assert export_cli.main([str(tmp_path / "bags"), "--out", str(tmp_path / "ds"), "--quiet"]) == 0
+    ds = RecapDataset(tmp_path / "ds")
+    fail = next(e for e in range(ds.num_episodes) if not ds.episode(e)["episode_success"][0])
+    assert ds.episode_meta(fail)["recap/max_len"] == 600 and ds.episode_meta(fail)["recap/c_fail"] == 600.0
+    # every failure frame: R_t = -(T - 1 - t) - 600 <= -600, divided by M = 600 and clipped: -1
+    np.testing.assert_array_equal(ds.episode(fail)["return_normalized"], -1.0)
+    assert cli.train_value_main([str(tmp_path / "ds"), "--out", str(tmp_path / "v"), "--image-size", "16",
+                                 "--steps", "2", "--holdout", "0", "--device", "cpu", "--threads", "1"]) == 0
+    assert cli.label_main([str(tmp_path / "ds"), "--value", str(tmp_path / "v"), "--out", str(tmp_path / "l.parquet"),
+                           "--threads", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["normalisation"] == {TASK_A: {"max_len": [600], "c_fail": [600.0]}}
+    assert pq.read_table(str(tmp_path / "l.parquet")).num_rows == ds.num_frames
 
 
 def test_export_refuses_another_normalisation_for_a_task_already_in_the_dataset(dataset, tmp_path):
