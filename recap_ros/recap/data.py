@@ -23,7 +23,8 @@ FIELDS = ("images", "state", "action_chunk", "intervention", "episode_index", "f
 
 @dataclass
 class Frames:
-    images: np.ndarray            # (N, n_cams, H, W, 3) uint8, camera order = model camera roles
+    images: np.ndarray            # (N, n_cams, H, W, 3) uint8, camera order = model camera roles (or a
+    #                               recap_ros.recap.loader.DatasetImages: decoded from the videos when indexed)
     state: np.ndarray             # (N, D) float32
     action_chunk: np.ndarray      # (N, H, D) float32, commands sent to the robot from this tick on
     intervention: np.ndarray      # (N,) bool
