@@ -3,9 +3,9 @@ recap-import-checkpoint, by this stack, on the same observation, prompt tokens a
 of the action chunks <= 1e-3 in fp32). Then the imported bundle's ONNX export under ONNX Runtime against torch.
 
 LeRobot runs in a virtual environment of its own (never a project dependency), created on first use under
---venv: lerobot 0.5.1 with its pinned transformers 5.3 and torch < 2.11 (~8 GB, minutes). LeRobot 0.4.x needs a
-transformers branch from GitHub (not on PyPI) and >= 0.5 declares Python >= 3.12; this machine has 3.11, so the
-install passes --ignore-requires-python. The worker (bench/lerobot_pi05_worker.py) builds the smallest variants
+--venv with --python (Python >= 3.12: LeRobot >= 0.5 uses 3.12 syntax; default: the first python3.12/3.13 on PATH
+or under ~/.pyenv): lerobot 0.5.1 with its pinned transformers 5.3 and torch < 2.11 (~8 GB, minutes). LeRobot
+0.4.x would run on 3.11 but needs a transformers branch from GitHub that PyPI does not have. The worker (bench/lerobot_pi05_worker.py) builds the smallest variants
 (gemma_300m backbone + gemma_300m expert, SigLIP So400m/14 at 224 px: ~1.1 B parameters) with random weights.
 Prints measured figures; no pass/fail.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,20 +27,30 @@ import torch
 
 LEROBOT = "lerobot[pi]==0.5.1"
 TORCH = "torch>=2.7,<2.11"
-PINS = ["scipy<1.17"]  # --ignore-requires-python would let pip take the newest scipy, which builds only on 3.12+
 HERE = Path(__file__).resolve().parent
 
 
-def ensure_venv(venv: Path) -> Path:
+def find_python() -> str | None:
+    """A working Python >= 3.12: python3.12 / python3.13 on PATH, else one under ~/.pyenv/versions."""
+    candidates = [shutil.which(n) for n in ("python3.12", "python3.13")]
+    candidates += [str(p) for p in sorted(Path.home().glob(".pyenv/versions/3.1[23]*/bin/python3"))]
+    for c in candidates:
+        if c and subprocess.run([c, "-c", "pass"], capture_output=True).returncode == 0:
+            return c
+    return None
+
+
+def ensure_venv(venv: Path, python: str | None) -> Path:
     py = venv / "bin" / "python"
     marker = venv / ".recap-lerobot"
     if marker.is_file() and marker.read_text() == LEROBOT:
         return py
     if not py.exists():
-        subprocess.run(["python3.11", "-m", "venv", str(venv)], check=True)
+        if python is None:
+            raise SystemExit("LeRobot >= 0.5 needs Python >= 3.12: none found (pass --python)")
+        subprocess.run([python, "-m", "venv", str(venv)], check=True)
     env = {**os.environ, "PIP_CONSTRAINT": ""}  # this project's torch pin does not apply to LeRobot's environment
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--ignore-requires-python", LEROBOT, TORCH, *PINS], check=True,
-                   env=env)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", LEROBOT, TORCH], check=True, env=env)
     marker.write_text(LEROBOT)
     return py
 
@@ -59,13 +70,14 @@ def ours_actions(model, io: dict, steps: int = 10) -> np.ndarray:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", required=True, help="work directory (LeRobot's saved policy, the imported bundle)")
-    p.add_argument("--venv", default=str(Path.home() / ".cache" / "recap_ros" / "lerobot-0.5.1"))
+    p.add_argument("--venv", default=str(Path.home() / ".cache" / "recap_ros" / "lerobot-0.5.1-py312"))
+    p.add_argument("--python", default=find_python(), help="Python >= 3.12 for LeRobot's environment")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export + ONNX Runtime comparison")
     a = p.parse_args(argv)
     work = Path(a.dir)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    py = ensure_venv(Path(a.venv))
+    py = ensure_venv(Path(a.venv), a.python)
     print(f"LeRobot environment: {a.venv} ({time.monotonic() - t0:.0f} s)")
     subprocess.run([str(py), str(HERE / "lerobot_pi05_worker.py"), str(work)], check=True)
     io = dict(np.load(work / "io.npz"))

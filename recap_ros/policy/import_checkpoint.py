@@ -404,6 +404,8 @@ def import_checkpoint(src, out_dir, fmt: str, *, overrides: dict | None = None, 
     from recap_ros.policy.tokenizer import ByteTokenizer, SentencePieceTokenizer
 
     plan = plan_import(src, fmt, overrides, norm_stats)
+    if tokenizer is None and (Path(src).expanduser() / "tokenizer.model").is_file():  # the Hub folders carry it
+        tokenizer = Path(src).expanduser() / "tokenizer.model"
     tok = SentencePieceTokenizer(tokenizer) if tokenizer else ByteTokenizer()
     if not tokenizer:  # the byte tokenizer spells the advantage segment in bytes
         need = max(len(tok.encode(s)) for s in ("Advantage: positive\n", "Advantage: negative\n"))
@@ -455,7 +457,8 @@ def main(argv=None) -> int:
     ap.add_argument("out", help="bundle directory to write")
     ap.add_argument("--format", required=True, choices=FORMATS)
     ap.add_argument("--norm-stats", help="openpi norm_stats.json (required for --format openpi)")
-    ap.add_argument("--tokenizer", help="SentencePiece tokenizer.model (Gemma's / PaliGemma's); default: bytes")
+    ap.add_argument("--tokenizer", help="SentencePiece tokenizer.model (Gemma's / PaliGemma's); default: the "
+                    "checkpoint folder's tokenizer.model, else bytes")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="model config field, e.g. image_size=224 or expert_width=512 (JSON values)")
