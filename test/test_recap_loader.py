@@ -96,3 +96,20 @@ def test_a_run_resumed_mid_plan_is_served_from_there(dataset):
     np.testing.assert_array_equal(served[plan[4]], lazy.images.decode(plan[4]))
     np.testing.assert_array_equal(served[np.array([0, 0])], lazy.images.decode([0, 0]))  # off the plan
     assert (served.served, served.misses) == (2, 1)
+
+
+def test_policy_training_on_decoded_batches_is_bit_identical(dataset):
+    """recap-train-policy --workers N: the same losses and weights as with images decoded up front."""
+    from recap_ros.recap.train_policy import train_policy
+
+    overrides = {"image_size": SIZE}
+    steps, batch = 3, 4
+    upfront = load_frames(dataset, SIZE, 50, progress=False)
+    lazy = load_frames(dataset, SIZE, 50, decode="lazy", progress=False)
+    model, losses = train_policy(upfront, None, sft=True, steps=steps, batch_size=batch, warmup=1, progress=False,
+                                 device="cpu", model_overrides=overrides)
+    again, curve = train_policy(lazy, None, sft=True, steps=steps, batch_size=batch, warmup=1, progress=False,
+                                device="cpu", model_overrides=overrides, workers=1)
+    assert curve == losses
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k

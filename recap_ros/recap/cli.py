@@ -97,6 +97,12 @@ def plot_values(frames, values: np.ndarray, out_dir: str | Path, max_episodes: i
     return out
 
 
+def _workers_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=None,
+                   help="decode the videos while training, in N DataLoader processes (0: in the training process) "
+                        "instead of all up front (datasets only)")
+
+
 def train_value_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="recap-train-value", description="Train the distributional value function "
                                 "p(V | o, l) over 201 return bins (cross-entropy, Eq. 1).")
@@ -108,9 +114,7 @@ def train_value_main(argv=None) -> int:
                       help="policy bundle whose backbone (architecture, vision + language weights, tokenizer) a new "
                            "VLM value function starts from (default: a small value model from scratch)")
     p.add_argument("--image-size", type=int, default=32, help="value model input size (new small models)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="decode the videos while training, in N DataLoader processes (0: in the training process) "
-                        "instead of all up front (datasets only)")
+    _workers_flag(p)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -248,6 +252,7 @@ def train_policy_main(argv=None) -> int:
     p.add_argument("--knowledge-insulation", action="store_true",
                    help="stop the action expert's gradient into the backbone (π0.5 / π0.6 knowledge insulation: "
                         "an imported VLM backbone is kept, or learns from the goal head only)")
+    _workers_flag(p)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -263,7 +268,8 @@ def train_policy_main(argv=None) -> int:
     try:
         overrides = json.loads(a.model)
         cfg = open_bundle(a.init).config if a.init else preset(a.preset, **overrides)
-        frames = load_frames(a.data, cfg.image_size, cfg.chunk_len, stride=a.stride, max_len=a.max_len)
+        frames = load_frames(a.data, cfg.image_size, cfg.chunk_len, stride=a.stride, max_len=a.max_len,
+                             decode="upfront" if a.workers is None else "lazy")
         if a.labels:
             frames = apply_labels(frames, a.labels)
         _, losses = train_policy(frames, a.out, init=a.init, preset_name=a.preset, sft=a.sft, drop_prob=a.drop,
@@ -271,7 +277,7 @@ def train_policy_main(argv=None) -> int:
                                  model_overrides=overrides, action_space=a.action_space,
                                  tokenizer=a.tokenizer, goal_weight=a.goal_weight, warmup=a.warmup,
                                  knowledge_insulation=a.knowledge_insulation,
-                                 run=_run_dir(a),
+                                 run=_run_dir(a), workers=a.workers or 0,
                                  description=f"recap-train-policy {'SFT' if a.sft else 'advantage-conditioned'} "
                                              f"on {a.data} ({len(frames)} frames)")
     except (ValueError, OSError, RuntimeError, FloatingPointError, PolicyError) as e:

@@ -30,7 +30,7 @@ from recap_ros.policy.training import (
     prompt_encoder_for,
     sample_time,
 )
-from recap_ros.recap import trainer
+from recap_ros.recap import loader, trainer
 from recap_ros.recap.data import Frames
 
 DROP_PROB = 0.3
@@ -120,7 +120,7 @@ def train_policy(frames: Frames, out: str | Path | None, init: str | Path | None
                  joint_names: list[str] | None = None, description: str = "",
                  model_overrides: dict | None = None, action_space: str = ACTION_SPACE, tokenizer: str | None = None,
                  goal_weight: float = 1.0, warmup: int = 50, knowledge_insulation: bool = False,
-                 run: trainer.RunDir | None = None) -> tuple[Pi06Policy, list[float]]:
+                 run: trainer.RunDir | None = None, workers: int = 0) -> tuple[Pi06Policy, list[float]]:
     """Fine-tune the bundle ``init`` (weights, norm stats, tokenizer and action space kept) or train
     ``preset_name`` from scratch (norm stats from ``frames``, outputs in ``action_space``, prompts tokenised by
     ``tokenizer``: "byte" (default), or "bpe" = :func:`~recap_ros.policy.tokenizer.train_bpe` on the frames' prompts);
@@ -128,7 +128,8 @@ def train_policy(frames: Frames, out: str | Path | None, init: str | Path | None
     goals, weighted by ``goal_weight``. ``knowledge_insulation`` (π0.5 / π0.6): the action expert's loss does not
     reach the backbone (its keys and values are detached), which then learns only from its own objective (the goal
     head here) or stays as imported. ``run``: checkpoints, resume and metrics
-    (:func:`recap_ros.recap.trainer.fit`)."""
+    (:func:`recap_ros.recap.trainer.fit`). Images not yet decoded (``load_frames(..., decode='lazy')``) are decoded
+    ahead in ``workers`` DataLoader processes (:mod:`recap_ros.recap.loader`)."""
     if not 0.0 <= drop_prob < 1.0:
         raise ValueError(f"indicator drop probability must be in [0, 1) (got {drop_prob})")
     check_action_space(action_space, "train_policy")  # before any training time is spent
@@ -154,6 +155,7 @@ def train_policy(frames: Frames, out: str | Path | None, init: str | Path | None
         model = Pi06Policy(preset(preset_name, **overrides))
         stats = compute_norm_stats(frames.state, action_targets(frames, action_space))
     check_frames(model, frames)
+    frames = loader.prefetched(frames, steps, batch_size, seed, workers, dist.rank, dist.world)
     indicators = training_indicators(frames, sft)
     loss = _PolicyLoss(model, frames, indicators, stats, drop_prob, action_space, goal_weight, tokenizer,
                        knowledge_insulation)
