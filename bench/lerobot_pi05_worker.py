@@ -1,6 +1,6 @@
 """LeRobot's side of bench/lerobot_parity.py; runs in the bench's own virtual environment (lerobot installed, never
 recap_ros). Builds LeRobot's PI05Policy with random weights at the smallest variants (gemma_300m backbone,
-gemma_300m expert; SigLIP So400m/14 at 224 px), saves it with save_pretrained, and runs PI05Pytorch.sample_actions
+gemma_300m expert; SigLIP So400m/14 at 224 px; its projector resized to the backbone's width, see below), saves it with save_pretrained, and runs PI05Pytorch.sample_actions
 on one random observation (one camera), prompt tokens and noise; writes inputs and the action chunk to io.npz.
 
     <venv>/bin/python bench/lerobot_pi05_worker.py OUT_DIR
@@ -25,6 +25,10 @@ def main(out: Path) -> None:
                                      "observation.state": PolicyFeature(FeatureType.STATE, (STATE_DIM,))},
                      output_features={"action": PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))})
     policy = PI05Policy(cfg).eval()
+    # LeRobot 0.5.1 hard-codes the PaliGemma projector's output at 2048 (gemma_2b's width), so a gemma_300m backbone
+    # fails at the first image; the projector is resized to the backbone's width (1024), nothing else changes
+    projector = policy.model.paligemma_with_expert.paligemma.model.multi_modal_projector
+    projector.linear = torch.nn.Linear(projector.linear.in_features, 1024)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # perturb every weight: LeRobot zero-initialises the adaptive norms' dense layers
         for p in policy.parameters():

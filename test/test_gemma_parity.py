@@ -10,12 +10,12 @@ through ``Gemma3Model``). Expected values come from transformers' forward passes
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")  # in the test extra: never skipped in CI
-import hf_models  # noqa: E402
-from hf_models import WINDOW  # noqa: E402
+import transformers  # the test extra installs it: a missing install fails here, it never skips
+import hf_models
+from hf_models import WINDOW
 
-from recap_ros.policy.import_checkpoint import plan_import, write_weights  # noqa: E402
-from recap_ros.policy.model import Pi06Policy, images_to_float  # noqa: E402
+from recap_ros.policy.import_checkpoint import plan_import, write_weights
+from recap_ros.policy.model import Pi06Policy, images_to_float
 
 TOL = 1e-4
 OURS = {"expert_width": 32, "expert_mlp_dim": 48, "camera_roles": ["base"], "state_input": "tokens",

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")  # in the test extra: never skipped in CI
-import hf_models  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+import transformers  # the test extra installs it: a missing install fails here, it never skips
+import hf_models
+from safetensors.torch import load_file, save_file
 
-from recap_ros.policy.bundle import open_bundle  # noqa: E402
-from recap_ros.policy.errors import PolicyError  # noqa: E402
-from recap_ros.policy.import_checkpoint import import_checkpoint, main, plan_import, write_weights  # noqa: E402
+from recap_ros.policy.bundle import open_bundle
+from recap_ros.policy.errors import PolicyError
+from recap_ros.policy.import_checkpoint import import_checkpoint, main, plan_import, write_weights
 
 SMALL = {"expert_width": 32, "expert_mlp_dim": 48, "max_text_tokens": 64, "chunk_len": 8, "denoise_steps": 2}
 

@@ -27,7 +27,6 @@ def test_action_loss_reaches_the_backbone_only_without_knowledge_insulation(insu
 def test_fine_tuning_an_imported_gemma3_bundle_with_knowledge_insulation_keeps_its_backbone(tmp_path):
     """recap-train-policy --init <imported bundle> --knowledge-insulation, at small scale: the imported Gemma 3
     backbone stays as imported (the action loss never reaches it), the fresh action expert learns."""
-    pytest.importorskip("transformers")
     import hf_models
     from safetensors.torch import load_file
 
