@@ -110,7 +110,8 @@ def _load_station_launch(monkeypatch):
     mods = {name: types.ModuleType(name) for name in
             ("launch", "launch.actions", "launch.substitutions", "launch_ros", "launch_ros.actions")}
     mods["launch"].LaunchDescription = list
-    for name in ("DeclareLaunchArgument", "OpaqueFunction", "SetEnvironmentVariable", "UnsetEnvironmentVariable"):
+    for name in ("DeclareLaunchArgument", "LogInfo", "OpaqueFunction", "SetEnvironmentVariable",
+                 "UnsetEnvironmentVariable"):
         setattr(mods["launch.actions"], name, type(name, (Entity,), {}))
     mods["launch.substitutions"].LaunchConfiguration = type("LaunchConfiguration", (Entity,), {})
     mods["launch_ros.actions"].Node = type("Node", (Entity,), {})
