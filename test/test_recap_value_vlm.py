@@ -74,3 +74,32 @@ def test_vlm_value_refuses_another_state_size(policy_bundle):
     bundle = policy_bundle
     with pytest.raises(ValueError, match=r"backbone takes a 14-dim state, the frames have 7"):
         vlm_value_model(bundle, np.zeros((4, 7), np.float32))
+
+
+def test_vlm_value_from_an_imported_gemma3_bundle(tmp_path):
+    """recap-train-value --init-backbone <a bundle recap-import-checkpoint wrote from a transformers Gemma 3>:
+    the value's encoder holds the checkpoint's backbone (read apart, from the imported safetensors), a state
+    projection is added (the Gemma 3 folder has no state input), and it trains, saves and loads."""
+    import hf_models
+
+    from recap_ros.policy.import_checkpoint import import_checkpoint
+
+    hf_models.gemma3().save_pretrained(tmp_path / "hf")
+    import_checkpoint(tmp_path / "hf", tmp_path / "imported", "hf", overrides={
+        "expert_width": 32, "expert_mlp_dim": 48, "image_size": 28, "chunk_len": 8, "max_text_tokens": 64,
+        "denoise_steps": 1}, dtype="float32")
+    frames = synthetic_frames(n_eps=2, T=6, size=28)
+    trained, losses = train_value(frames, tmp_path / "value", init_backbone=tmp_path / "imported", steps=2,
+                                  batch_size=4, progress=False, device="cpu")
+    assert len(losses) == 2 and np.isfinite(losses).all()
+    imported = load_file(str(tmp_path / "imported" / "model.safetensors"))
+    fresh = vlm_value_model(tmp_path / "imported", frames.state).encoder.state_dict()  # before training
+    backbone = {k.removeprefix("prefix."): v for k, v in imported.items() if k.startswith("prefix.")}
+    assert backbone and set(backbone) <= set(fresh)
+    for k, v in backbone.items():
+        np.testing.assert_array_equal(fresh[k].numpy(), v, err_msg=k)
+    again = load_value(tmp_path / "value")
+    v = predict_values(again, frames.images, frames.state, frames.prompts, frames.task_index)
+    np.testing.assert_allclose(predict_values(trained, frames.images, frames.state, frames.prompts,
+                                              frames.task_index), v, atol=1e-5)
+    assert ((v >= -1) & (v <= 0)).all()
