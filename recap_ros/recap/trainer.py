@@ -22,6 +22,7 @@ NCCL on GPU, gloo on CPU.
 """
 from __future__ import annotations
 
+import atexit
 import csv
 import math
 import os
@@ -64,7 +65,15 @@ def setup(device: str | None = None) -> Dist:
         torch.cuda.set_device(dev)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        # leave the group before the interpreter tears down: a gloo group destroyed by the C++ static destructors
+        # while another rank still works aborted a finished rank ("terminate called without an active exception")
+        atexit.register(_leave_group)
     return Dist(rank, world, dev)
+
+
+def _leave_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @dataclass(frozen=True)
