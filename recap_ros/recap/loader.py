@@ -173,10 +173,10 @@ def trainer_plan(num_samples: int, steps: int, batch_size: int, seed: int, rank:
                  start: int = 0) -> list[np.ndarray]:
     """The sample indices :func:`recap_ros.recap.trainer.fit` gives this rank at steps ``start`` .. ``steps`` - 1
     (its sample stream: ``world`` x ``batch_size`` samples a step, this rank's share of them)."""
-    from recap_ros.recap.trainer import SampleStream
+    from recap_ros.recap.trainer import SampleStream, rank_rows
 
     stream, size = SampleStream(num_samples, seed), world * batch_size
-    rows = slice(rank * batch_size, (rank + 1) * batch_size)
+    rows = rank_rows(rank, batch_size)
     return [stream.take(s * size, size)[rows] for s in range(start, steps)]
 
 

@@ -76,6 +76,11 @@ def _leave_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def rank_rows(rank: int, batch_size: int) -> slice:
+    """This rank's rows of a global batch (``world`` x ``batch_size`` samples, rank by rank)."""
+    return slice(rank * batch_size, (rank + 1) * batch_size)
+
+
 @dataclass(frozen=True)
 class Batch:
     """One step's samples: the global batch over all ranks (``samples``) and this rank's ``rows`` of it.
@@ -271,7 +276,7 @@ def _loop(model, num_samples, steps, batch_size, lr, dist, seed, desc, weight_de
     metrics = Metrics(Path(run.path), start) if run is not None and dist.main else None
     stream = SampleStream(num_samples, seed)
     size = dist.world * batch_size
-    rows = slice(dist.rank * batch_size, (dist.rank + 1) * batch_size)
+    rows = rank_rows(dist.rank, batch_size)
     bar = tqdm(range(start, steps), desc=desc, disable=not (progress and dist.main), dynamic_ncols=True,
                initial=start, total=steps)
     if frozen and dist.main and progress:
