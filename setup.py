@@ -60,8 +60,9 @@ setup(
         "zstandard>=0.21",
         "torch==2.13.0",
         "onnx>=1.16",
-        "onnxruntime>=1.18",
+        "onnxruntime>=1.24",      # opset-23 Attention on CPU with grouped-query heads (ort_graph.fuse_attention)
         "onnxscript>=0.5",        # torch.onnx.export(dynamo=True)
+        "onnx-ir>=0.1.10",        # graph passes on exported graphs (onnxscript brings it)
         "safetensors>=0.4",
         "tqdm>=4.66",
         "tensorboard>=2.16",      # recap-train-*: metrics as TensorBoard event files (SummaryWriter needs it)

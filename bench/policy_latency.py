@@ -3,8 +3,12 @@
 CPU (default): the committed ``tiny`` bundle on torch eager and onnxruntime with the SAME thread count
 (``--threads``, default 1: a station's policy server shares 2 cores with cameras, mux and recorder). Prints the
 machine load (1-min load average before and after), the median ms per chunk (``Policy.infer`` end to end: host
-preprocessing + backend), the ONNX Runtime speed-up over torch eager (goal ≥ 3×) and the CFG overhead (goal
-≤ 10 %), all measured in one run, round-robin.
+preprocessing of 3 × 224² camera views + backend), the ONNX Runtime speed-up over torch eager (goal ≥ 3×) and the
+CFG overhead (goal ≤ 10 %), all measured in one run: rounds of ``--block`` consecutive chunks per configuration
+(a policy server runs one backend back to back; chunk-by-chunk alternation would have each backend start from
+the other's caches), round-robin so that load changes hit every configuration alike. Then the model's work per
+chunk (torch's FlopCounterMode) and the rate each backend reaches: batched CFG adds the expert's FLOPs again, so
+a backend that is compute-bound cannot have a CFG overhead below that FLOP increase.
 
 GPU (``--gpu``): the device name, then for ``tiny`` and a random-weight ``pi06`` (3 × 448² views, 5 steps) every
 GPU backend this machine has: tensorrt (``--precision``, default bf16), onnxruntime-trt, onnxruntime-cuda and
@@ -34,11 +38,12 @@ PROMPT = "touch the red marker with the left gripper"
 GPU_BACKENDS = ("tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "torch")
 
 
-def measure(configs: dict, duration: float, min_iters: int = 5, cpu_times: dict | None = None) -> dict:
-    """configs: {label: (policy, beta)}. Round-robin over the configurations (one chunk each per round) so that
-    load changes on a shared machine hit every configuration alike; returns {label: [ms, ...]} (wall clock).
-    ``cpu_times``: filled with {label: [ms, ...]} of this thread's CPU time per chunk (with one backend thread
-    that is all the chunk's work, and time spent preempted by other processes does not count)."""
+def measure(configs: dict, duration: float, min_iters: int = 5, cpu_times: dict | None = None,
+            block: int = 1) -> dict:
+    """configs: {label: (policy, beta)}. Round-robin over the configurations (``block`` consecutive chunks each
+    per round) so that load changes on a shared machine hit every configuration alike; returns {label: [ms, ...]}
+    (wall clock). ``cpu_times``: filled with {label: [ms, ...]} of this thread's CPU time per chunk (with one
+    backend thread that is all the chunk's work, and time spent preempted by other processes does not count)."""
     rng = np.random.default_rng(0)
     inputs = {}
     for label, (pol, beta) in configs.items():
@@ -52,11 +57,38 @@ def measure(configs: dict, duration: float, min_iters: int = 5, cpu_times: dict 
     t_end = time.perf_counter() + duration * len(configs)
     while min(len(t) for t in times.values()) < min_iters or time.perf_counter() < t_end:
         for label, (pol, beta) in configs.items():
-            t0, c0 = time.perf_counter(), time.thread_time()
-            pol.infer(*inputs[label], PROMPT, beta=beta, seed=len(times[label]))
-            cpu_times[label].append((time.thread_time() - c0) * 1e3)
-            times[label].append((time.perf_counter() - t0) * 1e3)
+            for _ in range(block):
+                t0, c0 = time.perf_counter(), time.thread_time()
+                pol.infer(*inputs[label], PROMPT, beta=beta, seed=len(times[label]))
+                cpu_times[label].append((time.thread_time() - c0) * 1e3)
+                times[label].append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def model_flops(bundle) -> dict:
+    """Floating-point operations of the model per chunk (torch.utils.flop_counter on the bundle's model, batch 1):
+    {'prefix': n, 1.0: denoise without CFG, 2.0: denoise with batched CFG}."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from recap_ros.policy.bundle import open_bundle
+    from recap_ros.policy.export import example_inputs
+
+    b = open_bundle(bundle)
+    model = b.load_model().eval()
+    x = example_inputs(model)
+    state = x["state"] if b.config.state_input == "prefix" else None
+    out = {}
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as fc:
+            kv = model.encode_prefix(x["images"], x["tokens"], x["token_mask"], x["adv_tokens"], x["adv_mask"], state)
+        out["prefix"] = fc.get_total_flops()
+        for beta in (1.0, 2.0):
+            with FlopCounterMode(display=False) as fc:
+                model.denoise(*kv, None if state is not None else x["state"], x["noise"], b.config.denoise_steps,
+                              None if beta == 1.0 else x["beta"] * beta)
+            out[beta] = fc.get_total_flops()
+    return out
 
 
 def report(name: str, times: list[float]) -> float:
@@ -81,7 +113,7 @@ def cpu(args) -> None:
         for beta in (1.0, 2.0):
             configs[backend, beta] = (pol, beta)
     cpu_times = {}
-    times = measure(configs, args.duration, cpu_times=cpu_times)
+    times = measure(configs, args.duration, cpu_times=cpu_times, block=args.block)
     print("wall clock per chunk:")
     med = {key: report(f"{key[0]} beta={key[1]:g}", t) for key, t in times.items()}
     print("CPU time of the calling thread per chunk" + (" (= all of the chunk's work with 1 thread):"
@@ -92,9 +124,33 @@ def cpu(args) -> None:
         print(f"ratios, {name} (measured in this run):")
         for beta in (1.0, 2.0):
             r = m["torch", beta] / m["onnxruntime", beta]
-            print(f"  beta={beta:g}: onnxruntime is {r:.1f}x faster than torch eager (goal >= 3x)")
+            print(f"  beta={beta:g}: onnxruntime is {r:.2f}x faster than torch eager (goal >= 3x)")
         for backend in ("torch", "onnxruntime"):
             cfg_line(backend, {b: m[backend, b] for b in (1.0, 2.0)})
+    flops = model_flops(args.bundle)
+    chunk = {beta: flops["prefix"] + flops[beta] for beta in (1.0, 2.0)}
+    print(f"model work per chunk (torch FlopCounterMode): prefix {flops['prefix'] / 1e6:.1f} MFLOP, denoise "
+          f"{flops[1.0] / 1e6:.1f} (beta=1) / {flops[2.0] / 1e6:.1f} (beta=2): batched CFG adds "
+          f"{100 * (chunk[2.0] / chunk[1.0] - 1):.0f} % to the chunk's FLOPs, the least CFG overhead a compute-bound "
+          "backend can have")
+    for key, ms in med.items():
+        print(f"  {key[0]} beta={key[1]:g}: {chunk[key[1]] / ms / 1e6:.0f} GFLOP/s over the whole chunk "
+              "(host preprocessing included)")
+    print(f"  for scale: torch.mm multiplies fp32 matrices of the prefix MLP's shape at {matmul_rate():.0f} GFLOP/s "
+          "here, same threads")
+
+
+def matmul_rate(seconds: float = 1.0) -> float:
+    """GFLOP/s of a (169 x 128) @ (128 x 256) fp32 product (the tiny prefix MLP's) by torch.mm, on the threads the
+    torch backend set (``--threads``)."""
+    import torch
+
+    a, b = torch.randn(169, 128), torch.randn(128, 256)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        torch.mm(a, b)
+        n += 1
+    return n * 2 * 169 * 128 * 256 / (time.perf_counter() - t0) / 1e9
 
 
 def gpu_policy(bundle, backend: str, precision: str):
@@ -202,6 +258,7 @@ def main(argv=None) -> None:
     ap.add_argument("--duration", type=float, default=5.0, help="seconds of timing per configuration")
     ap.add_argument("--quick", action="store_true", help="1 s per configuration")
     ap.add_argument("--threads", type=int, default=1, help="CPU run: threads of both torch and onnxruntime")
+    ap.add_argument("--block", type=int, default=20, help="CPU run: consecutive chunks per configuration and round")
     ap.add_argument("--gpu", action="store_true", help="GPU backends on tiny and pi06 (random weights)")
     ap.add_argument("--presets", nargs="+", default=["tiny", "pi06"], choices=("tiny", "pi06"))
     ap.add_argument("--backends", nargs="+", default=list(GPU_BACKENDS), choices=GPU_BACKENDS)

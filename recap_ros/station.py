@@ -133,6 +133,7 @@ class Policy:
     beta_topic: str
     prompt_topic: str
     stats_topic: str
+    threads: int = 1        # CPU threads of the torch / onnxruntime backend (0: the backend's default)
     server: str = ""        # backend remote: ws:// or wss:// URL of a recap-serve
     api_key_env: str = ""   # backend remote: environment variable holding its API key ("": none)
 
@@ -454,6 +455,7 @@ def _policy(r: _Reader) -> Policy:
         beta_topic=r.topic("beta_topic", "/policy/beta"),
         prompt_topic=r.topic("prompt_topic", "/task/prompt"),
         stats_topic=r.topic("stats_topic", "/policy/chunk_stats"),
+        threads=r.num("threads", 1, lo=0, integer=True),
         **_remote(r, backend),
     )
 

@@ -32,3 +32,21 @@ def test_dynamo_prefix_matches_torch(tmp_path):
     fp16 = reduce_precision(load_for_conversion(tmp_path / PREFIX_FILE), "fp16")
     keys = ort.InferenceSession(fp16.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert keys.dtype == np.float16 and np.abs(keys.astype(np.float32) - ref[0]).max() < 0.01 * np.abs(ref[0]).max()
+
+
+def test_large_graph_keeps_its_weights_in_one_side_file(tmp_path, monkeypatch):
+    """Past the size limit the weights go to <graph>.onnx.data (one file, read by ONNX Runtime from there)."""
+    import recap_ros.policy.export as export
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
+    model = open_bundle("tiny").load_model()
+    x = example_inputs(model)
+    args = tuple(x[n] for n in NAMES)
+    with torch.no_grad():
+        _export(PrefixGraph(model), args, NAMES, ["keys", "values", "kv_mask"], tmp_path / PREFIX_FILE, "torchscript")
+        ref = model.encode_prefix(*args)[0].numpy()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PREFIX_FILE, PREFIX_FILE + ".data"]
+    assert 5 * (tmp_path / PREFIX_FILE).stat().st_size < (tmp_path / (PREFIX_FILE + ".data")).stat().st_size
+    keys = ort.InferenceSession(str(tmp_path / PREFIX_FILE), providers=["CPUExecutionProvider"]).run(
+        None, {n: x[n].numpy() for n in NAMES})[0]
+    np.testing.assert_allclose(keys, ref, atol=1e-4)

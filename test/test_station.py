@@ -88,6 +88,8 @@ def test_sim_source_on_hardware_station(tmp_path):
     (("cameras", 0, "width"), 7, ">="),
     (("mux", "default_input"), "joystick", "hold"),
     (("robot", "command_type"), "twist", "one of"),
+    (("policy", "threads"), -1, ">="),
+    (("policy", "threads"), 1.5, "integer"),
 ])
 def test_bad_values(tmp_path, sim_data, key, value, why):
     node = sim_data
@@ -234,3 +236,11 @@ def test_value_monitor_on_hardware_must_state_max_len(tmp_path):
         load_station(_write(tmp_path, d))
     d["value_monitor"]["max_len"] = 1500
     assert load_station(_write(tmp_path, d)).value_monitor.max_len == 1500
+
+
+def test_policy_threads_default_to_one(tmp_path, sim_data):
+    """The policy backend gets one CPU thread unless the station says otherwise (0: the backend's own default)."""
+    del sim_data["policy"]["threads"]
+    assert load_station(_write(tmp_path, sim_data)).policy.threads == 1
+    sim_data["policy"]["threads"] = 0
+    assert load_station(_write(tmp_path, sim_data)).policy.threads == 0

@@ -196,7 +196,8 @@ class PolicyServer(Node):
                                     "(0: normal; its backend threads inherit it)")
         switch_ms = p("gil_switch_interval_ms", 0.5, "Python thread switch interval (GIL hand-over latency)")
         retry_after_s = p("retry_after_s", 0.5, "wait after a failed inference before asking again")
-        threads = p("inference_threads", 0, "CPU threads of the torch / onnxruntime backend (0: its default)")
+        threads = p("inference_threads", pol.threads, "CPU threads of the torch / onnxruntime backend (0: its "
+                    "default; station policy.threads)")
         self.warmup = p("warmup", True, "run one inference at start-up so the first chunk is not slow")
         if switch_ms > 0:
             sys.setswitchinterval(switch_ms / 1000.0)

@@ -19,6 +19,7 @@ import numpy as np
 from recap_ros.policy.bundle import Bundle
 from recap_ros.policy.engine_cache import EngineCache, EngineKey, cache_dir
 from recap_ros.policy.errors import PolicyError
+from recap_ros.policy.ort_graph import RECIPE, fuse_for_ort
 
 PREFIX_INPUTS = ("images", "tokens", "token_mask", "adv_tokens", "adv_mask", "state")
 PRECISIONS = ("fp16", "bf16", "fp32")
@@ -70,31 +71,6 @@ ORT_BACKENDS = {  # backend name -> execution providers, in ONNX Runtime's order
 }
 
 
-def fuse_for_ort(onnx_path: Path, dst: Path) -> Path:
-    """The fp32 graph with two of ONNX Runtime's transformer fusions (onnxruntime.transformers), saved as dst:
-    tanh-GELU -> FastGelu and x / sqrt(mean(x²) + eps) -> SimplifiedLayerNormalization, one kernel instead of
-    8 and 5 nodes (the tiny model spends its CPU time on per-node overhead). The other fusions of ORT's
-    optimizer (Skip*Norm, Attention) assume weight gains and layouts this model does not have (adaRMS gains
-    are tensors) and are not applied."""
-    import onnx
-    from onnx import helper
-    from onnxruntime.transformers.fusion_fastgelu import FusionFastGelu
-    from onnxruntime.transformers.fusion_simplified_layernorm import FusionSimplifiedLayerNormalization
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
-    from recap_ros.policy.precision import save_graph
-
-    model = OnnxModel(onnx.load(str(onnx_path)))
-    FusionFastGelu(model).apply()
-    FusionSimplifiedLayerNormalization(model).apply()
-    model.prune_graph()
-    model.topological_sort()
-    if not any(o.domain == "com.microsoft" for o in model.model.opset_import):
-        model.model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    save_graph(model.model, dst)
-    return dst
-
-
 def graph_for(bundle: Bundle, onnx_path: Path, precision: str, out_dir: Path, fuse: bool = False) -> Path:
     """The bundle's fp32 graph itself, or a derived one under out_dir, named after the source graph's hash
     (a re-exported bundle gets new files): its ``precision`` variant (:mod:`recap_ros.policy.precision`), or
@@ -104,7 +80,7 @@ def graph_for(bundle: Bundle, onnx_path: Path, precision: str, out_dir: Path, fu
     from recap_ros.policy.precision import write_reduced
 
     sha = bundle.manifest["files"][onnx_path.relative_to(bundle.dir).as_posix()]["sha256"][:12]
-    dst = out_dir / f"{onnx_path.stem}.{sha}.{'fused' if precision == 'fp32' else precision}.onnx"
+    dst = out_dir / f"{onnx_path.stem}.{sha}.{RECIPE if precision == 'fp32' else precision}.onnx"
     if dst.is_file():
         return dst
     return fuse_for_ort(onnx_path, dst) if precision == "fp32" else write_reduced(onnx_path, precision, dst)
@@ -153,7 +129,12 @@ class OrtBackend(Backend):
         # waiting for work would take their cores for nothing between chunks.
         self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        # CPU: ONNX Runtime's SkipLayerNormalization kernel is slow when its skip input broadcasts (the vision
+        # tower's position embedding over the views: 67 µs for the tiny bundle's 3 x 64 x 64 against ~15 µs as the
+        # Add + LayerNormalization it replaces; prefix 1.24 -> 1.18 ms)
+        self.disabled_optimizers = ["SkipLayerNormFusion"] if backend == "onnxruntime" else []
         self.sessions: dict = {}
+        self.input_names: dict = {}  # session -> its input names (get_inputs() builds new objects on every call)
         self.prefix = self._session(bundle.onnx_path("prefix"))
         for graph in ("cond", "cfg"):  # load now: no first-chunk latency spike, and a broken graph fails early
             self._session(bundle.onnx_path(graph, bundle.config.denoise_steps))
@@ -163,17 +144,19 @@ class OrtBackend(Backend):
             graph = graph_for(self.bundle, path, self.precision, self.cache / "onnx",
                               fuse=self.name == "onnxruntime")
             try:
-                self.sessions[path] = self.ort.InferenceSession(str(graph), self.options, providers=self.providers)
+                self.sessions[path] = self.ort.InferenceSession(str(graph), self.options, providers=self.providers,
+                                                                disabled_optimizers=self.disabled_optimizers)
             except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeException types
                 raise PolicyError(f"{graph}: onnxruntime ({self.name}) cannot load this graph ({e})") from None
+            self.input_names[self.sessions[path]] = [i.name for i in self.sessions[path].get_inputs()]
         return self.sessions[path]
 
     def run(self, feeds, steps, beta):
         sess = self._session(self.bundle.onnx_path("cond" if beta is None else "cfg", steps))
         if self.device == "cpu":  # plain run: less per-call overhead than IOBinding when everything is host memory
             kv = dict(zip(("keys", "values", "kv_mask"), self.prefix.run(None, {
-                i.name: feeds[i.name] for i in self.prefix.get_inputs()})))
-            return sess.run(["actions"], {i.name: kv.get(i.name, feeds.get(i.name)) for i in sess.get_inputs()})[0]
+                n: feeds[n] for n in self.input_names[self.prefix]})))
+            return sess.run(["actions"], {n: kv.get(n, feeds.get(n)) for n in self.input_names[sess]})[0]
         bind = self.prefix.io_binding()  # IOBinding: the KV cache stays where the prefix EP produced it
         for i in self.prefix.get_inputs():
             bind.bind_cpu_input(i.name, np.ascontiguousarray(feeds[i.name]))

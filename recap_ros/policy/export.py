@@ -37,6 +37,7 @@ in ``<graph>.onnx.data`` next to the graph (ONNX external data).
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import warnings
@@ -51,6 +52,7 @@ from recap_ros.policy.model import Pi06Policy
 OPSET = 18
 PREFIX_FILE = "prefix.onnx"
 EXPORTERS = ("dynamo", "torchscript")
+EXTERNAL_DATA_BYTES = 1_000_000_000  # graphs with more weight bytes keep them in <graph>.onnx.data (protobuf: < 2 GB)
 # RECAP_ONNX_EXPORTER picks the default: dynamo (torch.export + onnxscript, the maintained exporter) unless set to
 # torchscript. The test suite sets torchscript: dynamo takes 4-6x longer (tiny: ~60 s vs ~15 s on 2 busy cores).
 EXPORTER_ENV = "RECAP_ONNX_EXPORTER"
@@ -122,10 +124,32 @@ def _torch_export(module: nn.Module, args: tuple, names: list[str], outputs: lis
                           opset_version=OPSET, dynamo=False, do_constant_folding=True)
 
 
+def _tidy(model) -> None:
+    """Fold what is constant, keep one initializer per distinct weight, drop dead nodes (in place, an onnx_ir
+    Model). The dynamo exporter folds only small tensors, so the flow-time conditioning of every unrolled denoise
+    step (time MLP + adaRMS modulations: constants at batch 1) stayed as Gemms on the weights, which ONNX Runtime
+    cannot fold in an fp16 graph on CPU; and it writes the weights it folds (e.g. transposed for MatMul) once per
+    use: the tiny bundle's 5-step graph held 56 duplicates (1.2 MB of 2.9 MB), a pi06 one would hold 4 extra
+    copies of the expert. Identical tensors are merged by content hash (onnx_ir's pass)."""
+    import onnxscript.optimizer
+    from onnx_ir.passes.common import DeduplicateHashedInitializersPass, RemoveUnusedNodesPass
+
+    folding = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folding.level
+    folding.setLevel(logging.ERROR)  # one "Skipping ... Split with multiple outputs" warning per adaRMS norm
+    try:
+        onnxscript.optimizer.optimize(model, input_size_limit=1 << 62, output_size_limit=1 << 62,
+                                      onnx_shape_inference=False)  # (protobuf shape inference: < 2 GB graphs only)
+    finally:
+        folding.setLevel(level)
+    DeduplicateHashedInitializersPass()(model)
+    RemoveUnusedNodesPass()(model)
+
+
 def _export(module: nn.Module, args: tuple, names: list[str], outputs: list[str], path: Path, exporter: str) -> None:
     """Export one graph. Models over 2 GB come out of torch with their weights in one or more side files; they
     are re-saved with all weights in a single ``<graph>.onnx.data`` next to the graph."""
-    import onnx
+    import onnx_ir as ir
 
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in (path, path.with_name(path.name + ".data")):
@@ -133,10 +157,12 @@ def _export(module: nn.Module, args: tuple, names: list[str], outputs: list[str]
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
         raw = Path(tmp) / path.name
         _torch_export(module, args, names, outputs, raw, exporter)
-        model = onnx.load(str(raw))  # with its external data, if any
-        big = sum(t.ByteSize() for t in model.graph.initializer) > 1_000_000_000
-        onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+        model = ir.load(str(raw))  # external data (if any) stays memory-mapped until saved
+        _tidy(model)
+        if sum(v.const_value.nbytes for v in model.graph.initializers.values()) > EXTERNAL_DATA_BYTES:
+            ir.save(model, str(path), external_data=path.name + ".data", size_threshold_bytes=1024)
+        else:  # weights inside the graph file (read out of the temporary side file first)
+            ir.save(ir.external_data.load_to_model(model), str(path))
 
 
 def default_exporter() -> str:

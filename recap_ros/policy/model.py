@@ -517,7 +517,11 @@ class Pi06Policy(nn.Module):
     def guided_velocity(self, keys2, values2, kv_mask2, state2, x_t, t, beta, context=None):
         """v_u + β (v_c − v_u) from the :meth:`cfg_batch` tensors; x_t and t (B, ...) are shared by both branches."""
         b = x_t.shape[0]
-        v = self.expert(keys2, values2, kv_mask2, torch.cat([x_t, x_t], 0), torch.cat([t, t], 0), state2, context)
+        # With one flow time for the whole batch (inference: batch 1) the time conditioning stays batch 1 and
+        # broadcasts over both branches: one modulation instead of two identical ones, and a graph whose norm
+        # scales are per-feature vectors (ONNX Runtime's fused RMSNorm takes those; a (2, 1, D) scale is slow).
+        v = self.expert(keys2, values2, kv_mask2, torch.cat([x_t, x_t], 0), t if t.shape[0] == 1 else
+                        torch.cat([t, t], 0), state2, context)
         v_c, v_u = v[:b], v[b:]
         return v_u + beta.reshape(-1, 1, 1) * (v_c - v_u)
 
