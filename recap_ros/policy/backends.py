@@ -158,18 +158,18 @@ class OrtBackend(Backend):
                 n: feeds[n] for n in self.input_names[self.prefix]})))
             return sess.run(["actions"], {n: kv.get(n, feeds.get(n)) for n in self.input_names[sess]})[0]
         bind = self.prefix.io_binding()  # IOBinding: the KV cache stays where the prefix EP produced it
-        for i in self.prefix.get_inputs():
-            bind.bind_cpu_input(i.name, np.ascontiguousarray(feeds[i.name]))
+        for name in self.input_names[self.prefix]:
+            bind.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
         for name in ("keys", "values", "kv_mask"):
             bind.bind_output(name, "cuda", self.providers[0][1]["device_id"])
         self.prefix.run_with_iobinding(bind)
         kv = dict(zip(("keys", "values", "kv_mask"), bind.get_outputs()))
         bind2 = sess.io_binding()
-        for i in sess.get_inputs():
-            if i.name in kv:
-                bind2.bind_ortvalue_input(i.name, kv[i.name])
+        for name in self.input_names[sess]:
+            if name in kv:
+                bind2.bind_ortvalue_input(name, kv[name])
             else:
-                bind2.bind_cpu_input(i.name, np.ascontiguousarray(feeds[i.name]))
+                bind2.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
         bind2.bind_output("actions", "cpu")
         sess.run_with_iobinding(bind2)
         return bind2.copy_outputs_to_cpu()[0]

@@ -457,7 +457,8 @@ class ActionExpert(nn.Module):
         return self.types.contexts(allowed, pos, torch.cat([prefix_positions(kv_mask), pos], 1))
 
     def forward(self, keys, values, kv_mask, x_t, t, state=None, context=None):
-        """keys/values (depth, B, kv_heads, L, hd); kv_mask (B, L) bool; x_t (B, H, A); t (B,); state (B, D).
+        """keys/values (depth, B, kv_heads, L, hd); kv_mask (B, L) bool; x_t (B, H, A); t (B,) or (1,) (one flow time
+        for the whole batch); state (B, D).
         ``context``: :meth:`attention_context` of kv_mask, when the caller hoists it out of a loop."""
         cfg = self.cfg
         b = x_t.shape[0]
@@ -515,13 +516,10 @@ class Pi06Policy(nn.Module):
                 None if state is None else torch.cat([state, state], 0))
 
     def guided_velocity(self, keys2, values2, kv_mask2, state2, x_t, t, beta, context=None):
-        """v_u + β (v_c − v_u) from the :meth:`cfg_batch` tensors; x_t and t (B, ...) are shared by both branches."""
+        """v_u + β (v_c − v_u) from the :meth:`cfg_batch` tensors; x_t (B, ...) is shared by both branches, and so is
+        the flow time t (1,) (:meth:`denoise`), whose conditioning broadcasts over the batch of 2B."""
         b = x_t.shape[0]
-        # With one flow time for the whole batch (inference: batch 1) the time conditioning stays batch 1 and
-        # broadcasts over both branches: one modulation instead of two identical ones, and a graph whose norm
-        # scales are per-feature vectors (ONNX Runtime's fused RMSNorm takes those; a (2, 1, D) scale is slow).
-        v = self.expert(keys2, values2, kv_mask2, torch.cat([x_t, x_t], 0), t if t.shape[0] == 1 else
-                        torch.cat([t, t], 0), state2, context)
+        v = self.expert(keys2, values2, kv_mask2, torch.cat([x_t, x_t], 0), t, state2, context)
         v_c, v_u = v[:b], v[b:]
         return v_u + beta.reshape(-1, 1, 1) * (v_c - v_u)
 
@@ -529,14 +527,16 @@ class Pi06Policy(nn.Module):
         """Euler integration from t = 1 (noise) to t = 0. ``beta`` None: conditional branch only (β = 1);
         a tensor (B,) or (1,): batched CFG. Returns normalised actions (B, H, A). Everything that is constant
         over the steps (the CFG batch of the KV cache, masks, positions) is built once, outside the loop."""
-        b = noise.shape[0]
         if beta is not None:
             keys, values, kv_mask, state = self.cfg_batch(keys, values, kv_mask, state)
         context = self.expert.attention_context(kv_mask)
         dt = -1.0 / steps
         x = noise
         for i in range(steps):
-            t = torch.full((b,), 1.0 + i * dt, dtype=noise.dtype, device=noise.device)
+            # one flow time for every sample (and both CFG branches): its conditioning is computed once and
+            # broadcasts, and the exported graph's norm scales are per-feature vectors (ONNX Runtime's fused
+            # RMSNorm runs a (2, 1, D) scale on a slow path)
+            t = torch.full((1,), 1.0 + i * dt, dtype=noise.dtype, device=noise.device)
             if beta is None:
                 v = self.expert(keys, values, kv_mask, x, t, state, context)
             else:
