@@ -74,7 +74,8 @@ class Probe:
         self.command_msg, self.joint_state_msg = command_msg, joint_state_msg
         self.feed = {}  # input name -> positions published at 50 Hz (absent: silent)
         self._stop = threading.Event()
-        threading.Thread(target=self._feed, daemon=True).start()
+        self._feeder = threading.Thread(target=self._feed, daemon=True)
+        self._feeder.start()
         self.executor = SingleThreadedExecutor()
         self.executor.add_node(n)
         threading.Thread(target=self.executor.spin, daemon=True).start()
@@ -118,6 +119,7 @@ class Probe:
 
     def close(self):
         self._stop.set()
+        self._feeder.join(timeout=2)  # before the publishers go: a publish on a destroyed one raises in the thread
         self.executor.shutdown(timeout_sec=2)
         self.node.destroy_node()
 
