@@ -26,6 +26,12 @@ import numpy as np
 RECIPE = "fused2"
 
 
+def _constant(model, name: str) -> np.ndarray | None:
+    """The value of a constant tensor (initializer or Constant node) of an OnnxModel, flattened; None otherwise."""
+    value = model.get_constant_value(name)
+    return None if value is None else np.asarray(value).reshape(-1)
+
+
 def fuse_rotary(model, shapes: dict) -> int:
     """Replace every rotary embedding ``cat(x1·cos − x2·sin, x2·cos + x1·sin)`` (x1, x2 = Split(x) on the last axis;
     cos, sin = Cos / Sin(Unsqueeze(pos) · inv_freq)) of an ``onnxruntime.transformers`` OnnxModel by one
@@ -42,10 +48,6 @@ def fuse_rotary(model, shapes: dict) -> int:
     input_dims = [d.dim_value for i in graph.input for d in i.type.tensor_type.shape.dim]
     longest_input = max(input_dims, default=0)
 
-    def constant(name):
-        value = model.get_constant_value(name)
-        return None if value is None else np.asarray(value, np.float32).reshape(-1)
-
     def trig(name, op):
         """(pos, inv_freq, angle) of name = op(Mul(Unsqueeze*(pos), inv_freq)), else None."""
         node = producer.get(name)
@@ -55,8 +57,9 @@ def fuse_rotary(model, shapes: dict) -> int:
         if mul.op_type != "Mul":
             return None
         for a, b in ((0, 1), (1, 0)):
-            inv_freq = constant(mul.input[b])
+            inv_freq = _constant(model, mul.input[b])
             if inv_freq is not None:
+                inv_freq = inv_freq.astype(np.float32)
                 pos = mul.input[a]
                 while pos in producer and producer[pos].op_type == "Unsqueeze":
                     pos = producer[pos].input[0]
@@ -69,7 +72,7 @@ def fuse_rotary(model, shapes: dict) -> int:
         table = producer.get(b)
         return (a, b) if table is not None and table.op_type in ("Cos", "Sin") else (b, a)
 
-    caches: dict[bytes, str] = {}
+    caches: dict[tuple[bytes, int], str] = {}  # (inv_freq, positions) -> cos / sin cache name
     position_ids: dict[str, str] = {}
     fused, dead = 0, []
     for concat in [n for n in graph.node if n.op_type == "Concat" and len(n.input) == 2]:
@@ -91,9 +94,9 @@ def fuse_rotary(model, shapes: dict) -> int:
         x_shape = shapes.get(split.input[0])
         if x_shape is None or len(x_shape) != 4 or None in x_shape:  # RotaryEmbedding takes (B, heads, S, D)
             continue
-        key = inv_freq.tobytes()
+        max_pos = x_shape[2] + longest_input
+        key = (inv_freq.tobytes(), max_pos)
         if key not in caches:
-            max_pos = x_shape[2] + longest_input
             angle = np.arange(max_pos, dtype=np.float32)[:, None] * inv_freq[None, :]
             caches[key] = name = model.create_node_name("RotaryCache")
             model.add_initializer(numpy_helper.from_array(np.cos(angle), name + "_cos"))
@@ -138,10 +141,6 @@ def fuse_attention(model, shapes: dict) -> int:
         c = consumers.get(name, [])
         return c[0] if len(c) == 1 and c[0].op_type == op else None
 
-    def const(name):
-        value = model.get_constant_value(name)
-        return None if value is None else np.asarray(value).reshape(-1)
-
     fused = 0
     for softmax in [n for n in model.model.graph.node if n.op_type == "Softmax"]:
         scores, bias = softmax.input[0], None
@@ -167,7 +166,7 @@ def fuse_attention(model, shapes: dict) -> int:
             if m_new is None:
                 continue
         t_new, scaled = node(m_new.input[1], "Transpose"), node(m_new.input[0], "Mul")
-        scale = scaled and const(scaled.input[1])
+        scale = scaled and _constant(model, scaled.input[1])
         if t_new is None or scale is None or scale.size != 1:
             continue
         grouped = node(scaled.input[0], "Reshape")  # q.reshape(b, hkv, g * s, d) (absent when g = 1)
@@ -176,7 +175,7 @@ def fuse_attention(model, shapes: dict) -> int:
             slices = consumers.get(softmax.output[0], [])
             if len(slices) != 2 or any(n.op_type != "Slice" for n in slices):
                 continue
-            starts = [const(n.input[1]) for n in slices]
+            starts = [_constant(model, n.input[1]) for n in slices]
             if any(v is None for v in starts):
                 continue
             order = sorted(range(2), key=lambda i: int(starts[i][0]))
