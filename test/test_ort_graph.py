@@ -8,7 +8,7 @@ import pytest
 
 from recap_ros.policy import load_policy
 from recap_ros.policy.bundle import open_bundle
-from recap_ros.policy.ort_graph import fuse_for_ort
+from recap_ros.policy.ort_graph import fold_constants, fold_output_scales, fuse_for_ort, shape_table
 
 PROMPT = "touch the red marker with the left gripper"
 
@@ -33,16 +33,29 @@ def run(path, feeds):
 
 # tiny: 2 vision layers, 2 backbone / expert layers, 5 denoise steps. Each rotary embedding (query and key of every
 # decoder layer; the prefix's last layer has no live query) is one RotaryEmbedding node, each attention one
-# Attention node (prefix: 2 vision layers + the first backbone layer; denoise: 2 layers x 5 steps)
-@pytest.mark.parametrize("graph,steps,ropes,attentions", [("prefix", None, 3, 3), ("cond", 5, 20, 10),
-                                                          ("cfg", 5, 20, 10)])
-def test_fused_graph_computes_the_bundle_graph(feeds, tmp_path, graph, steps, ropes, attentions):
+# Attention node (prefix: 2 vision layers + the first backbone layer; denoise: 2 layers x 5 steps). The denoise
+# graphs' only Muls left are each expert MLP's gelu(gate) * up (2 layers x 5 steps) and, with CFG, β(v_c - v_u) and
+# the Euler step's dt times the combined velocity (5 steps each): the adaRMS gates and the unguided graph's dt are
+# folded into the weights.
+@pytest.mark.parametrize("graph,steps,ropes,attentions,muls", [("prefix", None, 3, 3, None), ("cond", 5, 20, 10, 10),
+                                                               ("cfg", 5, 20, 10, 20)])
+def test_fused_graph_computes_the_bundle_graph(feeds, tmp_path, graph, steps, ropes, attentions, muls):
     bundle, x = feeds
     src = bundle.onnx_path(graph, steps)
     dst = fuse_for_ort(src, tmp_path / "fused.onnx")
-    ops = [n.op_type for n in onnx.load(str(dst)).graph.node]
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(dst)))
+    ops = [n.op_type for n in model.graph.node]
     assert ops.count("RotaryEmbedding") == ropes and ops.count("Attention") == attentions
     assert "Softmax" not in ops  # every softmax was an attention's
+    assert muls is None or ops.count("Mul") == muls
+    rank = {v.name: len(v.type.tensor_type.shape.dim) for v in [*model.graph.value_info, *model.graph.input]}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for att in (n for n in model.graph.node if n.op_type == "Attention"):  # (B, S, heads x D): no head views
+        # (onnx's shape inference does not know RotaryEmbedding's output: its input has the same shape)
+        rotated = [producer[i].input[0] if producer[i].op_type == "RotaryEmbedding" else i for i in att.input[:3]]
+        assert [rank[i] for i in rotated] == [3, 3, 3]
+        assert rank[att.output[0]] == 3
+        assert not any(producer[i].op_type == "Transpose" for i in rotated if i in producer)
     for ref, out in zip(run(src, x), run(dst, x)):
         assert ref.shape == out.shape
         if ref.dtype == np.bool_:
@@ -77,3 +90,47 @@ def test_committed_graphs_hold_each_weight_once(name):
         big = [t for t in model.graph.initializer if len(t.raw_data) >= 4096]
         digests = [hashlib.sha256(t.raw_data + str(list(t.dims)).encode()).hexdigest() for t in big]
         assert len(big) > 5 and len(set(digests)) == len(digests), f"{name} {graph}: duplicate weights"
+
+
+def _model(nodes, inputs, initializers):
+    from onnx import TensorProto, helper
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(v, k) for k, v in initializers.items()])
+    return OnnxModel(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+
+
+def test_output_scale_folds_into_the_weights():
+    """(x W + b) * g with g per output channel is x (W g) + b g; a gain that also scales rows stays a Mul."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 5, 4)).astype(np.float32)
+    w, b = rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    for gain, folds in ((np.array([[[2.0, -0.5, 0.25]]], np.float32), True),
+                        (np.arange(1, 6, dtype=np.float32).reshape(1, 5, 1), False)):
+        model = _model([helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["z"]),
+                        helper.make_node("Mul", ["z", "g"], ["y"])], [("x", [1, 5, 4])], {"w": w, "b": b, "g": gain})
+        assert fold_output_scales(model, shape_table(model)) == int(folds)
+        assert [n.op_type for n in model.model.graph.node] == ["MatMul", "Add"] + ([] if folds else ["Mul"])
+        out = ort.InferenceSession(model.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x})[0]
+        expected = np.einsum("bsk,kn->bsn", x.astype(np.float64), w) + b  # by hand, then the gain
+        np.testing.assert_allclose(out, expected * gain, rtol=1e-5, atol=1e-5)
+
+
+def test_constant_split_is_folded():
+    """A Split of an initializer (each denoise step's adaRMS scale / shift / gate) and what only reads constants
+    become initializers; a node reading a graph input stays."""
+    from onnx import helper
+
+    mod = np.arange(6, dtype=np.float32).reshape(1, 1, 6)
+    model = _model([helper.make_node("Split", ["mod"], ["s0", "s1", "s2"], axis=-1, num_outputs=3),
+                    helper.make_node("Add", ["s0", "one"], ["scale"]), helper.make_node("Mul", ["x", "scale"], ["y"])],
+                   [("x", [1, 2, 2])], {"mod": mod, "one": np.ones(1, np.float32)})
+    assert fold_constants(model) == 2
+    assert [n.op_type for n in model.model.graph.node] == ["Mul"]
+    np.testing.assert_array_equal(model.get_constant_value("scale"), [[[1.0, 2.0]]])
+    np.testing.assert_array_equal(model.get_constant_value("s2"), [[[4.0, 5.0]]])

@@ -10,6 +10,7 @@ Two engine calls per chunk: prefix -> KV cache, then the whole unrolled Euler lo
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import tempfile
 from pathlib import Path
@@ -19,7 +20,6 @@ import numpy as np
 from recap_ros.policy.bundle import Bundle
 from recap_ros.policy.engine_cache import EngineCache, EngineKey, cache_dir
 from recap_ros.policy.errors import PolicyError
-from recap_ros.policy.ort_graph import RECIPE, fuse_for_ort
 
 PREFIX_INPUTS = ("images", "tokens", "token_mask", "adv_tokens", "adv_mask", "state")
 PRECISIONS = ("fp16", "bf16", "fp32")
@@ -71,19 +71,34 @@ ORT_BACKENDS = {  # backend name -> execution providers, in ONNX Runtime's order
 }
 
 
+def _recipe(module) -> str:
+    """Hash of the code that derives a graph (the module's source; for the fusions also ONNX Runtime's version,
+    whose fusion passes run): part of a derived graph's file name, so a changed rewrite derives the graph anew
+    instead of loading one made by older code."""
+    h = hashlib.sha256(Path(module.__file__).read_bytes())
+    if module.__name__.endswith("ort_graph"):
+        import onnxruntime
+        h.update(onnxruntime.__version__.encode())
+    return h.hexdigest()[:8]
+
+
 def graph_for(bundle: Bundle, onnx_path: Path, precision: str, out_dir: Path, fuse: bool = False) -> Path:
     """The bundle's fp32 graph itself, or a derived one under out_dir, named after the source graph's hash
-    (a re-exported bundle gets new files): its ``precision`` variant (:mod:`recap_ros.policy.precision`), or
-    with ``fuse`` (fp32 only) ONNX Runtime's fusions. Derived once, then reused."""
+    (a re-exported bundle gets new files) and the deriving code's (:func:`_recipe`): its ``precision`` variant
+    (:mod:`recap_ros.policy.precision`), or with ``fuse`` (fp32 only) ONNX Runtime's fusions
+    (:mod:`recap_ros.policy.ort_graph`). Derived once, then reused."""
     if precision == "fp32" and not fuse:
         return onnx_path
-    from recap_ros.policy.precision import write_reduced
+    from recap_ros.policy import ort_graph, precision as reduced
 
     sha = bundle.manifest["files"][onnx_path.relative_to(bundle.dir).as_posix()]["sha256"][:12]
-    dst = out_dir / f"{onnx_path.stem}.{sha}.{RECIPE if precision == 'fp32' else precision}.onnx"
+    kind, code = ("fused", ort_graph) if precision == "fp32" else (precision, reduced)
+    dst = out_dir / f"{onnx_path.stem}.{sha}.{kind}-{_recipe(code)}.onnx"
     if dst.is_file():
         return dst
-    return fuse_for_ort(onnx_path, dst) if precision == "fp32" else write_reduced(onnx_path, precision, dst)
+    if kind == "fused":
+        return ort_graph.fuse_for_ort(onnx_path, dst)
+    return reduced.write_reduced(onnx_path, precision, dst)
 
 
 class OrtBackend(Backend):
