@@ -134,3 +134,25 @@ def test_constant_split_is_folded():
     assert [n.op_type for n in model.model.graph.node] == ["Mul"]
     np.testing.assert_array_equal(model.get_constant_value("scale"), [[[1.0, 2.0]]])
     np.testing.assert_array_equal(model.get_constant_value("s2"), [[[4.0, 5.0]]])
+
+
+def test_shared_large_weight_is_not_copied_per_step(monkeypatch):
+    """Two steps' gains on one shared W: folded into two scaled copies while W is small, left as Muls when copying
+    it would exceed FOLD_MAX_COPY elements."""
+    from onnx import helper
+
+    from recap_ros.policy import ort_graph
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("Mul", ["a", "g1"], ["b"]),
+             helper.make_node("MatMul", ["b", "w2"], ["c"]), helper.make_node("MatMul", ["x", "w"], ["d"]),
+             helper.make_node("Mul", ["d", "g2"], ["e"]), helper.make_node("MatMul", ["e", "w2"], ["f"]),
+             helper.make_node("Add", ["c", "f"], ["y"])]
+    consts = {"w": w, "w2": rng.standard_normal((3, 4)).astype(np.float32),
+              "g1": np.array([1.0, 2.0, 3.0], np.float32), "g2": np.array([-1.0, 0.5, 2.0], np.float32)}
+    for limit, folds in ((12, 2), (11, 0)):  # W has 12 elements
+        monkeypatch.setattr(ort_graph, "FOLD_MAX_COPY", limit)
+        model = _model(list(nodes), [("x", [2, 4])], consts)
+        assert fold_output_scales(model, shape_table(model)) == folds
+        assert [n.op_type for n in model.model.graph.node].count("Mul") == 2 - folds

@@ -352,12 +352,16 @@ def fold_constants(model) -> int:
     return len(folded)
 
 
+FOLD_MAX_COPY = 1 << 18  # elements (1 MiB of fp32): the largest shared weight fold_output_scales copies
+
+
 def fold_output_scales(model, shapes: dict) -> int:
     """Fold a constant per-channel scale of a linear layer's output into its weights: ``Mul(MatMul(x, W), g)`` ->
     ``MatMul(x, W·g)`` and ``Mul(Add(MatMul(x, W), b), g)`` -> ``Add(MatMul(x, W·g), b·g)``, where g broadcasts
     along the output channels only (the adaRMS gates of every attention / MLP output, the Euler step's dt). The
-    scaled weights are new initializers: the model's W is shared by the unrolled steps, each with its own g.
-    Returns the number of rewrites."""
+    scaled weights are new initializers: the model's W is shared by the unrolled steps, each with its own g, so a W
+    read elsewhere too is copied only when it has at most :data:`FOLD_MAX_COPY` elements (a Mul costs a few µs; a
+    large model's expert copied once per step would cost gigabytes). Returns the number of rewrites."""
     from onnx import numpy_helper
 
     producer, consumers = model.output_name_to_node(), model.input_name_to_nodes()
@@ -377,6 +381,8 @@ def fold_output_scales(model, shapes: dict) -> int:
             matmul = sole(add.input[1 - bias_slot], "MatMul") if bias_slot is not None else sole(mul.input[a], "MatMul")
             weight = matmul and model.get_constant_value(matmul.input[1])
             if gain is None or weight is None or weight.ndim != 2 or shapes.get(mul.output[0]) != shapes.get(mul.input[a]):
+                continue
+            if weight.size > FOLD_MAX_COPY and len(consumers.get(matmul.input[1], [])) > 1:
                 continue
             gain = np.asarray(gain)
             if gain.size not in (1, weight.shape[1]) or (gain.size > 1 and gain.shape[-1] != weight.shape[1]):
