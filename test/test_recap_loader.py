@@ -98,6 +98,44 @@ def test_a_run_resumed_mid_plan_is_served_from_there(dataset):
     assert (served.served, served.misses) == (2, 1)
 
 
+def test_a_run_resumed_with_another_global_batch_is_served_from_the_plan(dataset, tmp_path, monkeypatch):
+    """A run stopped after step 3 with 8 samples a step and resumed with 4 (as when resumed on half the ranks)
+    continues the sample stream at position 24, not at 3 x 4: the loader's plan starts there too, so every resumed
+    step is served from it (the one miss is the trainer's unused-parameter probe)."""
+    from recap_ros.recap import train_value as tv
+    from recap_ros.recap.trainer import RunDir
+
+    lazy = load_frames(dataset, SIZE, decode="lazy", progress=False)
+    real_forward, seen = tv._ValueLoss.forward, []
+
+    def forward(self, batch):
+        if batch.step == 4 and len(batch.samples) == 8:
+            raise KeyboardInterrupt
+        if len(batch.samples) > 2:  # (not the unused-parameter probe)
+            seen.append((batch.step, batch.samples.copy()))
+        return real_forward(self, batch)
+
+    monkeypatch.setattr(tv._ValueLoss, "forward", forward)
+    with pytest.raises(KeyboardInterrupt):
+        train_value(lazy, steps=6, batch_size=8, warmup=1, progress=False, device="cpu", workers=0,
+                    backbone_overrides={"depth": 1}, run=RunDir(tmp_path / "run", checkpoint_every=3))
+    first_leg = dict(seen)
+    made = []
+    real_prefetched = loader.prefetched
+    monkeypatch.setattr(loader, "prefetched", lambda *a, **k: made.append(real_prefetched(*a, **k)) or made[-1])
+    seen.clear()
+    train_value(lazy, steps=6, batch_size=4, warmup=1, progress=False, device="cpu", workers=0,
+                backbone_overrides={"depth": 1}, run=RunDir(tmp_path / "run", checkpoint_every=3, resume=True))
+    resumed = dict(seen)
+    assert sorted(resumed) == [3, 4, 5]
+    # the stream: epoch permutations back to back; after 3 steps of 8 samples, positions 24, 25, ... (by hand)
+    stream = np.concatenate([first_leg[s] for s in (0, 1, 2)])
+    assert len(stream) == 24 and len(set(stream.tolist())) == 24  # 24 distinct samples of this epoch
+    assert not set(np.concatenate(list(resumed.values())).tolist()) & set(stream.tolist())  # none seen again
+    images = made[0].images
+    assert (images.served, images.misses) == (3, 1)
+
+
 def test_policy_training_on_decoded_batches_is_bit_identical(dataset):
     """recap-train-policy --workers N: the same losses and weights as with images decoded up front."""
     from recap_ros.recap.train_policy import train_policy

@@ -8,8 +8,10 @@ decoding (``Frames.subset``). Memory is the batch, not the dataset.
 :class:`Prefetched` serves a planned sequence of batches (the trainer's sample order, known before training:
 :func:`trainer_plan`) from a ``torch.utils.data.DataLoader`` whose ``workers`` processes decode ahead (``prefetch``
 batches each; workers are spawned, not forked: a fork of a process that has decoded video or run torch can inherit a
-held lock and hang). A request that is a later planned batch (a resumed run) restarts the loader there; one that is
-not in the plan is decoded in place, so results never depend on the plan; ``misses`` counts them, ``wait_s`` is the
+held lock and hang). A resumed run's plan starts at its checkpoint's step and sample position (which a run resumed
+with another global batch, e.g. on another number of ranks, does not reach by step x batch). A request that is a
+later planned batch restarts the loader there; one that is not in the plan is decoded in place, so results never
+depend on the plan; ``misses`` counts them, ``wait_s`` is the
 time the training process spent waiting for images and ``startup_s`` the part of it spent on the first batch of a
 loader (starting its workers). Decoding is deterministic, so every path gives bit-identical pixels to decoding whole
 episodes.
@@ -170,23 +172,25 @@ class Prefetched:
 
 
 def trainer_plan(num_samples: int, steps: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 start: int = 0) -> list[np.ndarray]:
-    """The sample indices :func:`recap_ros.recap.trainer.fit` gives this rank at steps ``start`` .. ``steps`` - 1
-    (its sample stream: ``world`` x ``batch_size`` samples a step, this rank's share of them)."""
+                 start: tuple[int, int] = (0, 0)) -> list[np.ndarray]:
+    """The sample indices :func:`recap_ros.recap.trainer.fit` gives this rank at steps ``start[0]`` .. ``steps`` - 1
+    (its sample stream from position ``start[1]`` on: ``world`` x ``batch_size`` samples a step, this rank's share
+    of them). ``start``: :func:`recap_ros.recap.trainer.resume_point`."""
     from recap_ros.recap.trainer import SampleStream, rank_rows
 
     stream, size = SampleStream(num_samples, seed), world * batch_size
-    rows = rank_rows(rank, batch_size)
-    return [stream.take(s * size, size)[rows] for s in range(start, steps)]
+    rows, (step, position) = rank_rows(rank, batch_size), start
+    return [stream.take(position + (s - step) * size, size)[rows] for s in range(step, steps)]
 
 
 def prefetched(frames, steps: int, batch_size: int, seed: int, workers: int, rank: int = 0, world: int = 1,
-               prefetch: int = 4):
-    """``frames`` with lazily decoded images served by :class:`Prefetched` in the trainer's order; frames whose
-    images are already decoded come back as they are."""
+               prefetch: int = 4, start: tuple[int, int] = (0, 0)):
+    """``frames`` with lazily decoded images served by :class:`Prefetched` in the trainer's order from ``start``
+    (step, stream position: :func:`recap_ros.recap.trainer.resume_point`); frames whose images are already decoded
+    come back as they are."""
     from dataclasses import replace
 
     if not isinstance(frames.images, DatasetImages):
         return frames
-    plan = trainer_plan(len(frames), steps, batch_size, seed, rank, world)
+    plan = trainer_plan(len(frames), steps, batch_size, seed, rank, world, start)
     return replace(frames, images=Prefetched(frames.images, plan, workers, prefetch))

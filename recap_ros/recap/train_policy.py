@@ -155,7 +155,8 @@ def train_policy(frames: Frames, out: str | Path | None, init: str | Path | None
         model = Pi06Policy(preset(preset_name, **overrides))
         stats = compute_norm_stats(frames.state, action_targets(frames, action_space))
     check_frames(model, frames)
-    frames = loader.prefetched(frames, steps, batch_size, seed, workers, dist.rank, dist.world)
+    frames = loader.prefetched(frames, steps, batch_size, seed, workers, dist.rank, dist.world,
+                               start=trainer.resume_point(run, seed, "policy"))
     indicators = training_indicators(frames, sft)
     loss = _PolicyLoss(model, frames, indicators, stats, drop_prob, action_space, goal_weight, tokenizer,
                        knowledge_insulation)

@@ -82,7 +82,8 @@ def train_value(frames: Frames, out: str | Path | None = None, init: str | Path 
                              f"views, frames have {frames.images.shape[1]} x {frames.images.shape[2]}^2")
     else:
         model = new_value_model(frames, **(backbone_overrides or {}))
-    frames = loader.prefetched(frames, steps, batch_size, seed, workers, dist.rank, dist.world)
+    frames = loader.prefetched(frames, steps, batch_size, seed, workers, dist.rank, dist.world,
+                               start=trainer.resume_point(run, seed, "value"))
     if frames.return_bin.max() >= model.cfg.num_bins or frames.return_bin.min() < 0:
         raise ValueError(f"return bins span [{frames.return_bin.min()}, {frames.return_bin.max()}], "
                          f"outside the model's {model.cfg.num_bins} bins")

@@ -214,15 +214,26 @@ def save_checkpoint(run: RunDir, state: dict) -> Path:
     return path
 
 
-def load_checkpoint(run: RunDir, seed: int, desc: str) -> dict:
+def load_checkpoint(run: RunDir, seed: int, desc: str, mmap: bool = False) -> dict:
     path = run.latest()
     if path is None:
         raise FileNotFoundError(f"{desc}: --resume given, but {run.checkpoints} holds no checkpoint (step-*.pt)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     if state["seed"] != seed:
         raise ValueError(f"{desc}: checkpoint {path} is of a run with seed {state['seed']}, this run has seed {seed} "
                          "(the data order and every random draw depend on it)")
     return state
+
+
+def resume_point(run: RunDir | None, seed: int, desc: str) -> tuple[int, int]:
+    """(step, samples of the stream consumed before it) where :func:`fit` starts: (0, 0), or with ``run.resume``
+    the newest checkpoint's (memory-mapped: the weights are not read). The sample position is not always step x
+    global batch: a run resumed with another global batch (ranks x batch size) continues the stream where the
+    checkpoint left it."""
+    if run is None or not run.resume:
+        return 0, 0
+    state = load_checkpoint(run, seed, desc, mmap=True)
+    return int(state["step"]), int(state["samples"])
 
 
 def fit(model: nn.Module, num_samples: int, steps: int, batch_size: int, lr: float, dist: Dist, seed: int = 0,
