@@ -81,6 +81,30 @@ def test_onnxruntime_backend_runs_the_fused_graphs(name):
                                    ref.infer(views, q, PROMPT, beta=beta, seed=4), atol=1e-4)
 
 
+# the pi06 / pi05 presets at reduced width and depth: Gemma 3's QK-norm, local / global layers and post-norms, and
+# π0.5's state-in-the-prompt, through the same rewrites
+SMALL = dict(vision_width=32, vision_depth=1, vision_heads=1, vision_mlp=64, vocab_size=512, width=128, depth=2,
+             heads=2, kv_heads=1, head_dim=64, mlp_dim=256, expert_width=64, expert_mlp_dim=128, image_size=56,
+             vision_tokens=16, state_dim=14, action_dim=14)
+
+
+@pytest.mark.parametrize("name,overrides", [("pi06", SMALL), ("pi05", SMALL), ("tiny", {"heads": 4, "kv_heads": 2})])
+def test_fused_graphs_of_other_architectures_match_torch(tmp_path, monkeypatch, name, overrides):
+    from recap_ros.policy.bundle import random_bundle
+
+    monkeypatch.setenv("RECAP_ONNX_EXPORTER", "dynamo")  # the default exporter, whose graphs the rewrites match
+    b = random_bundle(name, tmp_path / name, **overrides, denoise_steps=2)
+    rng = np.random.default_rng(0)
+    views = [rng.integers(0, 256, (120, 160, 3), dtype=np.uint8) for _ in range(3)]
+    q = rng.uniform(-0.3, 0.3, 14)
+    fused, ref = load_policy(b.dir, backend="onnxruntime"), load_policy(b.dir, backend="torch")
+    ops = [n.op_type for s in fused.backend.sessions.values() for n in onnx.load(s._model_path).graph.node]
+    assert ops.count("Attention") > 0 and "Softmax" not in ops
+    for beta in (1.0, 2.0):
+        np.testing.assert_allclose(fused.infer(views, q, PROMPT, beta=beta, seed=3),
+                                   ref.infer(views, q, PROMPT, beta=beta, seed=3), atol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["tiny", "sim_policy", "aloha_sim_policy"])
 def test_committed_graphs_hold_each_weight_once(name):
     """The unrolled denoise loop reads every expert weight once per step; the graph stores it once."""
