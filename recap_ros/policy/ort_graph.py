@@ -380,7 +380,8 @@ def fold_output_scales(model, shapes: dict) -> int:
                 bias_slot = next((i for i in (0, 1) if model.get_constant_value(add.input[i]) is not None), None)
             matmul = sole(add.input[1 - bias_slot], "MatMul") if bias_slot is not None else sole(mul.input[a], "MatMul")
             weight = matmul and model.get_constant_value(matmul.input[1])
-            if gain is None or weight is None or weight.ndim != 2 or shapes.get(mul.output[0]) != shapes.get(mul.input[a]):
+            if gain is None or weight is None or weight.ndim != 2 \
+                    or shapes.get(mul.output[0]) != shapes.get(mul.input[a]):
                 continue
             if weight.size > FOLD_MAX_COPY and len(consumers.get(matmul.input[1], [])) > 1:
                 continue
