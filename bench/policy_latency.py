@@ -6,7 +6,8 @@ machine load (1-min load average before and after), the median ms per chunk (``P
 preprocessing of 3 × 224² camera views + backend), the ONNX Runtime speed-up over torch eager (goal ≥ 3×) and the
 CFG overhead (goal ≤ 10 %), all measured in one run: rounds of ``--block`` consecutive chunks per configuration
 (a policy server runs one backend back to back; chunk-by-chunk alternation would have each backend start from
-the other's caches), round-robin so that load changes hit every configuration alike. Then the model's work per
+the other's caches), round-robin so that load changes hit every configuration alike. Then the host side of a chunk
+(``Policy.prepare_inputs``, the same code for both backends) and the backends' ratio without it; the model's work per
 chunk (torch's FlopCounterMode) and the rate each backend reaches: batched CFG adds the expert's FLOPs again, so
 a backend that is compute-bound cannot have a CFG overhead below that FLOP increase.
 
@@ -91,6 +92,19 @@ def model_flops(bundle) -> dict:
     return out
 
 
+def host_preprocessing(pol, n: int = 300) -> float:
+    """Median ms of the host side of a chunk (input checks, camera views resized to the model's size, prompt
+    tokens, noise) on 3 x 224^2 views."""
+    rng = np.random.default_rng(1)
+    views = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in pol.info.camera_roles]
+    state, times = np.zeros(pol.info.state_dim), []
+    for i in range(n):
+        t0 = time.perf_counter()
+        pol.prepare_inputs(views, state, PROMPT, seed=i, beta=None)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def report(name: str, times: list[float]) -> float:
     med = statistics.median(times)
     print(f"  {name:40s} median {med:8.2f} ms  p90 {np.percentile(times, 90):8.2f} ms  (n={len(times)})")
@@ -127,6 +141,11 @@ def cpu(args) -> None:
             print(f"  beta={beta:g}: onnxruntime is {r:.2f}x faster than torch eager (goal >= 3x)")
         for backend in ("torch", "onnxruntime"):
             cfg_line(backend, {b: m[backend, b] for b in (1.0, 2.0)})
+    prep = host_preprocessing(configs["onnxruntime", 1.0][0])
+    print(f"host preprocessing per chunk (Policy.prepare_inputs: 3 x 224^2 views resized, prompt, noise; the same "
+          f"code for both backends): median {prep:.2f} ms; the backends alone (chunk minus it), beta=1: "
+          f"onnxruntime {med['onnxruntime', 1.0] - prep:.2f} ms vs torch {med['torch', 1.0] - prep:.2f} ms = "
+          f"{(med['torch', 1.0] - prep) / (med['onnxruntime', 1.0] - prep):.2f}x")
     flops = model_flops(args.bundle)
     chunk = {beta: flops["prefix"] + flops[beta] for beta in (1.0, 2.0)}
     print(f"model work per chunk (torch FlopCounterMode): prefix {flops['prefix'] / 1e6:.1f} MFLOP, denoise "
