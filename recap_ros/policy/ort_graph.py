@@ -289,7 +289,7 @@ def pack_heads(model, shapes: dict) -> int:
         x = head_view(name) or packed_part(name)
         return (x, None) if x else None
 
-    rewritten = 0
+    rewritten, roped = 0, set()
     for att in [n for n in model.model.graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]:
         sources = [packed(i) for i in att.input[:3]]
         t_out = only = None
@@ -299,20 +299,24 @@ def pack_heads(model, shapes: dict) -> int:
             t_out = uses[0]
             nxt = consumers.get(t_out.output[0], [])
             only = nxt[0] if len(nxt) == 1 and nxt[0].op_type == "Reshape" else None
-        ys = only and shapes.get(only.output[0])
-        if None in sources or only is None or not ys or len(ys) != 3:
+        ys, heads = (shapes.get(only.output[0]), shapes.get(att.output[0])) if only else (None, None)
+        if None in sources or not ys or not heads or len(heads) != 4 \
+                or ys != [heads[0], heads[2], heads[1] * heads[3]]:  # (B, H, S, D) -> (B, S, H·D)
             continue
         for slot, (x, rope) in enumerate(sources):
             if rope is None:
                 att.input[slot] = x
                 continue
-            view = shapes[rope.input[0]]  # (B, H, S, D)
             packed_name = rope.output[0] + "_packed"
+            att.input[slot] = packed_name
+            if rope.output[0] in roped:  # read by an attention rewritten before
+                continue
+            roped.add(rope.output[0])
+            view = shapes[rope.input[0]]  # (B, H, S, D)
             model.add_node(helper.make_node("RotaryEmbedding", [x, *rope.input[1:]], [packed_name],
                                             name=model.create_node_name("RotaryEmbedding"), domain="com.microsoft",
                                             interleaved=0, num_heads=view[1]))
-            att.input[slot] = packed_name
-            if len(consumers.get(rope.output[0], [])) > 1:  # also read in 4-D: rebuild it from the 3-D output
+            if any(c.name != att.name for c in consumers.get(rope.output[0], [])):  # also read in 4-D: rebuild it
                 shape = model.create_node_name("HeadView")
                 model.add_initializer(helper.make_tensor(shape + "_shape", TensorProto.INT64, [4],
                                                          [view[0], view[2], view[1], view[3]]))
