@@ -75,6 +75,22 @@ def test_onnxruntime_fp16_graph_on_cpu(tiny_copy):
     assert np.abs(a - b).max() < 0.02 * np.abs(b).max()
 
 
+def test_derived_graphs_of_older_code_are_removed(tiny_copy):
+    """Deriving a graph removes its variants of the same kind from older code or an older export (with their
+    weights files); other graphs and other kinds stay."""
+    cache = tiny_copy / "engine_cache" / "onnx"
+    cache.mkdir(parents=True, exist_ok=True)
+    stale = [cache / "prefix.0123456789ab.fused-deadbeef.onnx", cache / "prefix.0123456789ab.fused-deadbeef.onnx.data",
+             cache / "prefix.feedfacecafe.fused-00000000.onnx"]
+    kept = [cache / "prefix.0123456789ab.fp16-deadbeef.onnx", cache / "notes.txt"]
+    for f in stale + kept:
+        f.write_bytes(b"x")
+    load_policy(tiny_copy, backend="onnxruntime")
+    assert not any(f.exists() for f in stale) and all(f.exists() for f in kept)
+    assert sorted(p.name.split(".")[0] for p in cache.glob("*.fused-*.onnx")) == [
+        "denoise_s5", "denoise_s5_cfg", "prefix"]
+
+
 def removed_api_uses(source: str, where: str) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(source, where)):

@@ -86,7 +86,8 @@ def graph_for(bundle: Bundle, onnx_path: Path, precision: str, out_dir: Path, fu
     """The bundle's fp32 graph itself, or a derived one under out_dir, named after the source graph's hash
     (a re-exported bundle gets new files) and the deriving code's (:func:`_recipe`): its ``precision`` variant
     (:mod:`recap_ros.policy.precision`), or with ``fuse`` (fp32 only) ONNX Runtime's fusions
-    (:mod:`recap_ros.policy.ort_graph`). Derived once, then reused."""
+    (:mod:`recap_ros.policy.ort_graph`). Derived once, then reused; deriving one removes the same graph's variants
+    of the same kind made from an older export or by older code (a bf16 pi06 graph is gigabytes)."""
     if precision == "fp32" and not fuse:
         return onnx_path
     from recap_ros.policy import ort_graph, precision as reduced
@@ -97,8 +98,13 @@ def graph_for(bundle: Bundle, onnx_path: Path, precision: str, out_dir: Path, fu
     if dst.is_file():
         return dst
     if kind == "fused":
-        return ort_graph.fuse_for_ort(onnx_path, dst)
-    return reduced.write_reduced(onnx_path, precision, dst)
+        ort_graph.fuse_for_ort(onnx_path, dst)
+    else:
+        reduced.write_reduced(onnx_path, precision, dst)
+    for stale in out_dir.glob(f"{onnx_path.stem}.*.{kind}-*.onnx*"):
+        if stale.name not in (dst.name, dst.name + ".data"):
+            stale.unlink(missing_ok=True)
+    return dst
 
 
 class OrtBackend(Backend):
