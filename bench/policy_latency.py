@@ -283,9 +283,15 @@ def main(argv=None) -> None:
     ap.add_argument("--backends", nargs="+", default=list(GPU_BACKENDS), choices=GPU_BACKENDS)
     ap.add_argument("--workdir", default="/tmp/recap_pi06_bench")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
+    ap.add_argument("--write-pi06", action="store_true",
+                    help="only write the random-weight pi06 bundle into --workdir (no GPU needed; bench/gpu_check.sh "
+                         "runs this in the background while the tiny checks use the GPU)")
     args = ap.parse_args(argv)
     if args.quick:
         args.duration = 1.0
+    if args.write_pi06:
+        pi06_bundle(Path(args.workdir))
+        return
     gpu(args) if args.gpu else cpu(args)
 
 
