@@ -71,14 +71,13 @@ ORT_BACKENDS = {  # backend name -> execution providers, in ONNX Runtime's order
 }
 
 
-def _recipe(module) -> str:
-    """Hash of the code that derives a graph (the module's source; for the fusions also ONNX Runtime's version,
-    whose fusion passes run): part of a derived graph's file name, so a changed rewrite derives the graph anew
-    instead of loading one made by older code."""
+def _recipe(module, *versions: str) -> str:
+    """Hash of the code that derives a graph (the module's source and the versions of the libraries whose passes it
+    runs): part of a derived graph's file name, so a changed rewrite derives the graph anew instead of loading one
+    made by older code."""
     h = hashlib.sha256(Path(module.__file__).read_bytes())
-    if module.__name__.endswith("ort_graph"):
-        import onnxruntime
-        h.update(onnxruntime.__version__.encode())
+    for v in versions:
+        h.update(v.encode())
     return h.hexdigest()[:8]
 
 
@@ -90,11 +89,14 @@ def graph_for(bundle: Bundle, onnx_path: Path, precision: str, out_dir: Path, fu
     of the same kind made from an older export or by older code (a bf16 pi06 graph is gigabytes)."""
     if precision == "fp32" and not fuse:
         return onnx_path
+    import onnxruntime
+
     from recap_ros.policy import ort_graph, precision as reduced
 
     sha = bundle.manifest["files"][onnx_path.relative_to(bundle.dir).as_posix()]["sha256"][:12]
-    kind, code = ("fused", ort_graph) if precision == "fp32" else (precision, reduced)
-    dst = out_dir / f"{onnx_path.stem}.{sha}.{kind}-{_recipe(code)}.onnx"
+    kind = "fused" if precision == "fp32" else precision  # fused: ONNX Runtime's own fusion passes run too
+    recipe = _recipe(ort_graph, onnxruntime.__version__) if kind == "fused" else _recipe(reduced)
+    dst = out_dir / f"{onnx_path.stem}.{sha}.{kind}-{recipe}.onnx"
     if dst.is_file():
         return dst
     if kind == "fused":

@@ -11,10 +11,9 @@ batches each; workers are spawned, not forked: a fork of a process that has deco
 held lock and hang). A resumed run's plan starts at its checkpoint's step and sample position (which a run resumed
 with another global batch, e.g. on another number of ranks, does not reach by step x batch). A request that is a
 later planned batch restarts the loader there; one that is not in the plan is decoded in place, so results never
-depend on the plan; ``misses`` counts them, ``wait_s`` is the
-time the training process spent waiting for images and ``startup_s`` the part of it spent on the first batch of a
-loader (starting its workers). Decoding is deterministic, so every path gives bit-identical pixels to decoding whole
-episodes.
+depend on the plan; ``misses`` counts them, ``wait_s`` is the time the training process spent waiting for images
+and ``startup_s`` the part of it spent on the first batch of a loader (starting its workers). Decoding is
+deterministic, so every path gives bit-identical pixels to decoding whole episodes.
 """
 from __future__ import annotations
 
