@@ -89,13 +89,15 @@ def graph_for(bundle: Bundle, onnx_path: Path, precision: str, out_dir: Path, fu
     of the same kind made from an older export or by older code (a bf16 pi06 graph is gigabytes)."""
     if precision == "fp32" and not fuse:
         return onnx_path
-    import onnxruntime
-
     from recap_ros.policy import ort_graph, precision as reduced
 
     sha = bundle.manifest["files"][onnx_path.relative_to(bundle.dir).as_posix()]["sha256"][:12]
-    kind = "fused" if precision == "fp32" else precision  # fused: ONNX Runtime's own fusion passes run too
-    recipe = _recipe(ort_graph, onnxruntime.__version__) if kind == "fused" else _recipe(reduced)
+    if precision == "fp32":  # ONNX Runtime's fusions: its own passes run too (TensorRT's graphs do not need it)
+        import onnxruntime
+
+        kind, recipe = "fused", _recipe(ort_graph, onnxruntime.__version__)
+    else:
+        kind, recipe = precision, _recipe(reduced)
     dst = out_dir / f"{onnx_path.stem}.{sha}.{kind}-{recipe}.onnx"
     if dst.is_file():
         return dst
