@@ -256,7 +256,8 @@ def pack_heads(model, shapes: dict) -> int:
             return None
         return r.input[0]
 
-    splits: dict[str, list[str]] = {}  # packed qkv -> its Split outputs
+    splits: dict[str, tuple[str, list[str]]] = {}  # packed qkv -> its Split (name, outputs), added by a rewrite
+    split_of: dict[str, str] = {}  # Split output -> packed qkv
 
     def packed_part(name):
         """The 3-D part i of a packed qkv projection that name = Squeeze(Slice(Transpose(Reshape(qkv,
@@ -276,9 +277,9 @@ def pack_heads(model, shapes: dict) -> int:
             return None
         if qkv not in splits:
             name = model.create_node_name("PackedSplit")
-            splits[qkv] = [f"{name}_{i}" for i in range(3)]
-            model.add_node(helper.make_node("Split", [qkv], splits[qkv], name=name, axis=-1, num_outputs=3))
-        return splits[qkv][int(start[0])]
+            splits[qkv] = name, [f"{name}_{i}" for i in range(3)]
+            split_of.update(dict.fromkeys(splits[qkv][1], qkv))
+        return splits[qkv][1][int(start[0])]
 
     def packed(name):
         """(3-D source, RotaryEmbedding on the 4-D view or None) of a 4-D attention input, else None."""
@@ -289,7 +290,7 @@ def pack_heads(model, shapes: dict) -> int:
         x = head_view(name) or packed_part(name)
         return (x, None) if x else None
 
-    rewritten, roped = 0, set()
+    rewritten, roped, split_done = 0, set(), set()
     for att in [n for n in model.model.graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]:
         sources = [packed(i) for i in att.input[:3]]
         t_out = only = None
@@ -304,6 +305,11 @@ def pack_heads(model, shapes: dict) -> int:
                 or ys != [heads[0], heads[2], heads[1] * heads[3]]:  # (B, H, S, D) -> (B, S, H·D)
             continue
         for slot, (x, rope) in enumerate(sources):
+            if x in split_of and split_of[x] not in split_done:
+                qkv = split_of[x]
+                split_done.add(qkv)
+                name, parts = splits[qkv]
+                model.add_node(helper.make_node("Split", [qkv], parts, name=name, axis=-1, num_outputs=3))
             if rope is None:
                 att.input[slot] = x
                 continue
