@@ -43,6 +43,7 @@ def test_aloha_sim_node(rclpy_context, spin, tmp_path):
     from rclpy.node import Node
     from sensor_msgs.msg import CameraInfo, CompressedImage, Image, JointState
     from std_msgs.msg import String
+    from std_srvs.srv import Trigger
 
     from recap_ros import rosmsg
     from recap_ros.imaging import decode_jpeg
@@ -109,6 +110,19 @@ def test_aloha_sim_node(rclpy_context, spin, tmp_path):
         command_pub.publish(bad)
         assert rec.wait(lambda: any(dict((v.key, v.value) for v in s.values).get("bad_commands", "0") != "0"
                                     for m in rec.messages("diag") for s in m.status), 5.0)
+
+        # ~/reset ends the running episode, if any, and starts the next one (tasks alternate, seed = station seed
+        # 0 + episode index); its reply names that episode
+        reset = node.create_client(Trigger, "/sim_robot/reset")
+        assert reset.wait_for_service(timeout_sec=10.0)
+        future = reset.call_async(Trigger.Request())
+        assert rec.wait(future.done, 10.0)
+        k = max(e["episode"] for e in events() if e["event"] == "start")
+        task = ("transfer_cube", "insertion")[k % 2]
+        assert future.result().success and future.result().message == f"episode {k}: {task} seed {k}"
+        assert rec.wait(lambda: any(e["event"] == "start" and e["episode"] == k for e in events()), 5.0)
+        ends = [e for e in events() if e["event"] == "end" and e["episode"] == k - 1]
+        assert len(ends) == 1 and ends[0]["reason"] in ("reset", "timeout") and ends[0]["success"] is False, ends
         assert proc.poll() is None
     finally:
         took = stop_node(proc)

@@ -41,7 +41,6 @@ from collections import deque
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, JointState
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
@@ -51,7 +50,7 @@ from recap_ros.control.limits import JointLimits, Limiter
 from recap_ros.control.ticker import CONTROL_PRIORITY, DeadlineLoop, PeriodMonitor
 from recap_ros.imaging import encode_jpeg
 from recap_ros.nodes import run_node
-from recap_ros.nodes.sim_robot import SimRobot
+from recap_ros.nodes.sim_robot import SimStationNode
 from recap_ros.sim.env import check_command
 from recap_ros.station import Camera, StationConfigError, load_station
 
@@ -61,13 +60,7 @@ CAMERA_MAX_LAG_S = 0.1   # cameras drop frames instead (as real cameras do)
 EXPERT_MODULE = "recap_ros.sim.aloha.expert"
 
 
-class AlohaSimNode(Node):
-    # the kinematic sim's command intake (bad and pre-episode commands counted and ignored), event publishing and
-    # seed list, on the same attributes (station, names, stats, _episode_start_ns, _command, event_pub)
-    _on_command = SimRobot._on_command
-    _event = SimRobot._event
-    _seed_list = SimRobot._seed_list
-
+class AlohaSimNode(SimStationNode):
     def __init__(self):
         super().__init__("sim_robot")
         self.station = st = load_station(self.declare_parameter("station", "aloha_sim").value)
@@ -220,7 +213,7 @@ class AlohaSimNode(Node):
                 self._scene = (self.sim.task, self.sim.physics.data.qpos.copy())
                 expert_command = self._drive_expert()
                 if self.sim.status.done:
-                    self._end_episode(self.sim.status.reason, self.sim.status.detail)
+                    self._end_episode(self.sim.status.reason == "success", self.sim.status.reason, self.sim.status.detail)
                     expert_command = None
             msg = rosmsg.joint_state_msg(self.names, self._joints[0], rosmsg.now_ns(self), self._joints[1])
         self.joint_pub.publish(msg)
@@ -266,8 +259,7 @@ class AlohaSimNode(Node):
         self.get_logger().info(f"episode {k}: {self.sim.task} seed {self.sim.seed}: {self.sim.prompt!r}")
         return True
 
-    def _end_episode(self, reason: str, detail: str) -> None:  # caller holds the lock
-        success = reason == "success"
+    def _end_episode(self, success: bool, reason: str, detail: str) -> None:  # caller holds the lock
         self._running = False
         self._next_start = time.monotonic() + self.station.sim.reset_pause_s
         self.stats["episodes"] += 1
@@ -283,19 +275,8 @@ class AlohaSimNode(Node):
             else:  # someone else (a teleoperator) drives now: leave the mode to them
                 self.get_logger().info(f"{self._active_source or 'nobody'} drives: not handing back")
 
-    def _on_reset(self, request, response):
-        with self._lock:
-            if self._running:
-                self._end_episode("reset", "reset requested by service")
-            response.success = self._start_episode()
-            response.message = (f"episode {self._episode}: {self.sim.task} seed {self.sim.seed}" if response.success
-                                else "the 'seeds' list is used up")
-        return response
-
-    def destroy_node(self):
-        for loop in self.loops:
-            loop.stop()
-        return super().destroy_node()
+    def _episode_label(self) -> str:
+        return f"episode {self._episode}: {self.sim.task} seed {self.sim.seed}"
 
     def _publish_diagnostics(self) -> None:
         values = {**self.stats, "episode": self._episode, "sim_time_s": round(self.stats["ticks"] * self.sim.dt, 3),

@@ -44,7 +44,56 @@ CONTROL_MAX_LAG_S = 1.0  # the control loop catches up late ticks (sim time keep
 CAMERA_MAX_LAG_S = 0.1   # cameras drop frames instead when further behind (as real cameras do)
 
 
-class SimRobot(Node):
+class SimStationNode(Node):
+    """What both sim stations' robot nodes (this one and aloha_sim) share: the command intake (bad and pre-episode
+    commands counted and ignored), episode events, the seed list, the reset service and stopping the loops.
+    A subclass sets station, names, stats, loops, event_pub, _lock, _running, _episode_start_ns and _command, and
+    implements _start_episode(), _end_episode(success, reason, detail) and _episode_label()."""
+
+    def _on_command(self, msg) -> None:
+        try:
+            q = check_command(rosmsg.positions_from_command(msg, self.station.robot.command_type, self.names),
+                              len(self.names))
+        except (rosmsg.MessageError, ValueError) as e:
+            self.stats["bad_commands"] += 1
+            self.get_logger().warning(f"ignored bad command on {self.station.robot.command_topic} "
+                                      f"(#{self.stats['bad_commands']}): {e}", throttle_duration_sec=2.0)
+            return
+        header = getattr(msg, "header", None)
+        if header is not None and rosmsg.stamp_to_ns(header.stamp) < self._episode_start_ns:
+            self.stats["old_commands"] += 1  # sent before this episode began (for the previous one's pose)
+            return
+        self._command = q
+
+    def _seed_list(self) -> list[int] | None:
+        from rclpy.exceptions import ParameterUninitializedException
+        from rclpy.parameter import Parameter
+
+        self.declare_parameter("seeds", Parameter.Type.INTEGER_ARRAY)
+        try:
+            return [int(s) for s in self.get_parameter("seeds").value]
+        except ParameterUninitializedException:
+            return None
+
+    def _event(self, payload: dict, stamp_ns: int | None = None) -> None:
+        payload["stamp_ns"] = rosmsg.now_ns(self) if stamp_ns is None else stamp_ns
+        self.event_pub.publish(String(data=json.dumps(payload)))
+
+    def _on_reset(self, request, response):
+        with self._lock:
+            if self._running:
+                self._end_episode(False, "reset", "reset requested by service")
+            response.success = self._start_episode()
+            response.message = self._episode_label() if response.success else "the 'seeds' list is used up"
+        return response
+
+    def destroy_node(self):
+        for loop in self.loops:
+            loop.stop()
+        return super().destroy_node()
+
+
+class SimRobot(SimStationNode):
     def __init__(self):
         super().__init__("sim_robot")
         station_name = self.declare_parameter("station", "sim").value
@@ -119,22 +168,6 @@ class SimRobot(Node):
         info.p = np.hstack([k.K, np.zeros((3, 1))]).flatten().tolist()
         return info
 
-    # ------------------------------------------------------------------ commands and control
-    def _on_command(self, msg) -> None:
-        try:
-            q = check_command(rosmsg.positions_from_command(msg, self.station.robot.command_type, self.names),
-                              len(self.names))
-        except (rosmsg.MessageError, ValueError) as e:
-            self.stats["bad_commands"] += 1
-            self.get_logger().warning(f"ignored bad command on {self.station.robot.command_topic} "
-                                      f"(#{self.stats['bad_commands']}): {e}", throttle_duration_sec=2.0)
-            return
-        header = getattr(msg, "header", None)
-        if header is not None and rosmsg.stamp_to_ns(header.stamp) < self._episode_start_ns:
-            self.stats["old_commands"] += 1  # sent before this episode began (for the previous one's pose)
-            return
-        self._command = q
-
     def _tick(self) -> None:
         with self._lock:
             if not self._running and time.monotonic() >= self._next_start and not self._start_episode():
@@ -151,16 +184,6 @@ class SimRobot(Node):
                 self._v = np.zeros_like(self._v)
             msg = rosmsg.joint_state_msg(self.names, self._q, rosmsg.now_ns(self), self._v)
         self.joint_pub.publish(msg)
-
-    def _seed_list(self) -> list[int] | None:
-        from rclpy.exceptions import ParameterUninitializedException
-        from rclpy.parameter import Parameter
-
-        self.declare_parameter("seeds", Parameter.Type.INTEGER_ARRAY)
-        try:
-            return [int(s) for s in self.get_parameter("seeds").value]
-        except ParameterUninitializedException:
-            return None
 
     def _start_episode(self) -> bool:  # caller holds the lock
         """Start the next episode; False when the seed list is used up (the station idles)."""
@@ -188,23 +211,8 @@ class SimRobot(Node):
                      "detail": detail, "steps": self.env.steps})
         self.get_logger().info(f"episode {self.env.episode} ended: {reason} ({detail}) after {self.env.steps} steps")
 
-    def _event(self, payload: dict, stamp_ns: int | None = None) -> None:
-        payload["stamp_ns"] = rosmsg.now_ns(self) if stamp_ns is None else stamp_ns
-        self.event_pub.publish(String(data=json.dumps(payload)))
-
-    def _on_reset(self, request, response):
-        with self._lock:
-            if self._running:
-                self._end_episode(False, "reset", "reset requested by service")
-            response.success = self._start_episode()
-            response.message = (f"episode {self.env.episode}: {self.env.task.prompt}" if response.success
-                                else "the 'seeds' list is used up")
-        return response
-
-    def destroy_node(self):
-        for loop in self.loops:
-            loop.stop()
-        return super().destroy_node()
+    def _episode_label(self) -> str:
+        return f"episode {self.env.episode}: {self.env.task.prompt}"
 
     def _publish_diagnostics(self) -> None:
         values = {**self.stats, "episode": self.env.episode, "last_reason": self._last_reason}
