@@ -260,10 +260,7 @@ class AlohaSimNode(SimStationNode):
         return True
 
     def _end_episode(self, success: bool, reason: str, detail: str) -> None:  # caller holds the lock
-        self._running = False
-        self._next_start = time.monotonic() + self.station.sim.reset_pause_s
-        self.stats["episodes"] += 1
-        self.stats["successes" if success else "failures"] += 1
+        self._stop_episode(success)
         self._event({"event": "end", "episode": self._episode, "task": self.sim.task, "seed": self.sim.seed,
                      "success": success, "reason": reason, "detail": detail, "steps": self.sim.steps,
                      "reward": self.sim.reward, "max_reward": self.sim.max_reward,

@@ -46,9 +46,10 @@ CAMERA_MAX_LAG_S = 0.1   # cameras drop frames instead when further behind (as r
 
 class SimStationNode(Node):
     """What both sim stations' robot nodes (this one and aloha_sim) share: the command intake (bad and pre-episode
-    commands counted and ignored), episode events, the seed list, the reset service and stopping the loops.
-    A subclass sets station, names, stats, loops, event_pub, _lock, _running, _episode_start_ns and _command, and
-    implements _start_episode(), _end_episode(success, reason, detail) and _episode_label()."""
+    commands counted and ignored), episode events, the seed list, an episode's end bookkeeping, the reset service
+    and stopping the loops. A subclass sets station, names, stats, loops, event_pub, _lock, _running, _next_start,
+    _episode_start_ns and _command, and implements _start_episode(), _end_episode(success, reason, detail) and
+    _episode_label()."""
 
     def _on_command(self, msg) -> None:
         try:
@@ -78,6 +79,13 @@ class SimStationNode(Node):
     def _event(self, payload: dict, stamp_ns: int | None = None) -> None:
         payload["stamp_ns"] = rosmsg.now_ns(self) if stamp_ns is None else stamp_ns
         self.event_pub.publish(String(data=json.dumps(payload)))
+
+    def _stop_episode(self, success: bool) -> None:  # caller holds the lock
+        """The bookkeeping of an episode's end: stopped, counted, the next start after the reset pause."""
+        self._running = False
+        self._next_start = time.monotonic() + self.station.sim.reset_pause_s
+        self.stats["episodes"] += 1
+        self.stats["successes" if success else "failures"] += 1
 
     def _on_reset(self, request, response):
         with self._lock:
@@ -202,10 +210,7 @@ class SimRobot(SimStationNode):
         return True
 
     def _end_episode(self, success: bool, reason: str, detail: str) -> None:  # caller holds the lock
-        self._running = False
-        self._next_start = time.monotonic() + self.station.sim.reset_pause_s
-        self.stats["episodes"] += 1
-        self.stats["successes" if success else "failures"] += 1
+        self._stop_episode(success)
         self._last_reason = reason
         self._event({"event": "end", "episode": self.env.episode, "success": success, "reason": reason,
                      "detail": detail, "steps": self.env.steps})
