@@ -5,7 +5,8 @@
 # fp16, strongly typed); the gpu-marked tests; bench/policy_latency.py --gpu for tiny, then pi06 (random weights,
 # 3 x 448^2, 5 steps; its bundle is written in the background from the start, engine builds get whatever time is
 # left, BUDGET_S, default 460 s in all).
-# Without network (the lent machines have none) the gpu extra comes from wheels in .whl/ (git-ignored; carry it);
+# Without network the gpu extra comes from wheels in .whl/ (git-ignored; carried to a lent machine, 64 MiB at most:
+# onnxruntime-gpu alone is 244 MiB, and TensorRT's libraries come only from pypi.nvidia.com; see the README);
 # a backend that cannot be installed is reported as unavailable, the rest still runs. The image's python3 (with
 # CUDA torch) runs the code from this tree through PYTHONPATH; nothing is pip-installed from the tree itself.
 # Writes its log to $OUT/gpu_check.log when $OUT is set.
