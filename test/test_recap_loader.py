@@ -4,6 +4,7 @@ training on images decoded up front."""
 import io
 
 import av
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -36,7 +37,8 @@ def dataset(tmp_path_factory):
 
 
 def sequential_decode(root) -> dict[int, np.ndarray]:
-    """Per episode: (T, n_cams, S, S, 3), every frame of every video read front to back with PyAV (no seeking)."""
+    """Per episode: (T, n_cams, S, S, 3), every frame of every video read front to back with PyAV (no seeking) at
+    its stored size, then shrunk by OpenCV's area interpolation (the policy runtime's stretch resize)."""
     ds = RecapDataset(root)
     out = {}
     for ep in range(ds.num_episodes):
@@ -49,7 +51,8 @@ def sequential_decode(root) -> dict[int, np.ndarray]:
                                                         file_index=meta[f"videos/{key}/file_index"])
             first = int(round(meta[f"videos/{key}/from_timestamp"] * ds.fps))
             with av.open(str(path)) as c:
-                frames = [f.to_ndarray(format="rgb24", width=SIZE, height=SIZE) for f in c.decode(video=0)]
+                frames = [cv2.resize(f.to_ndarray(format="rgb24"), (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+                          for f in c.decode(video=0)]
             views.append(np.stack(frames[first:first + hi - lo]))
         out[ep] = np.stack(views, 1)
     return out
@@ -151,3 +154,22 @@ def test_policy_training_on_decoded_batches_is_bit_identical(dataset):
     assert curve == losses
     for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+class _OneVideo:
+    """A stand-in dataset whose video holds 8 x 16 frames of one colour."""
+
+    def frames(self, ep, key, ticks):
+        return np.tile(np.array([10, 20, 30], np.uint8), (len(ticks), 8, 16, 1))
+
+
+def test_views_are_shaped_as_the_model_is_served():
+    """Training views take the model's image_resize: a 16 x 8 frame letterboxed into 8 x 8 is 4 rows of colour
+    between 2 black rows above and below (by hand); stretched it is all colour."""
+    box = loader.decode_views(_OneVideo(), 0, "k", [0, 1], 8, "letterbox")
+    assert box.shape == (2, 8, 8, 3)
+    assert (box[:, :2] == 0).all() and (box[:, 6:] == 0).all()
+    assert (box[:, 2:6] == [10, 20, 30]).all()
+    stretched = loader.decode_views(_OneVideo(), 0, "k", [0], 8, "resize")
+    assert (stretched == [10, 20, 30]).all()
+    assert loader.decode_views(_OneVideo(), 0, "k", [], 8, "resize").shape == (0, 8, 8, 3)

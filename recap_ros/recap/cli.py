@@ -269,7 +269,7 @@ def train_policy_main(argv=None) -> int:
         overrides = json.loads(a.model)
         cfg = open_bundle(a.init).config if a.init else preset(a.preset, **overrides)
         frames = load_frames(a.data, cfg.image_size, cfg.chunk_len, stride=a.stride, max_len=a.max_len,
-                             decode="upfront" if a.workers is None else "lazy")
+                             decode="upfront" if a.workers is None else "lazy", resize=cfg.image_resize)
         if a.labels:
             frames = apply_labels(frames, a.labels)
         _, losses = train_policy(frames, a.out, init=a.init, preset_name=a.preset, sft=a.sft, drop_prob=a.drop,

@@ -44,14 +44,20 @@ def _normalisation(ds, ep: int) -> tuple[int, float, str]:
 
 
 def load_frames(source: str | Path, image_size: int, chunk_len: int = 50, stride: int = 1,
-                max_len: int | None = None, progress: bool = True, decode: str = "upfront") -> Frames:
+                max_len: int | None = None, progress: bool = True, decode: str = "upfront",
+                resize: str = "resize") -> Frames:
     """Frames from a .npz frames cache or a LeRobot dataset directory (every ``stride``-th frame + the last).
     ``max_len``: a check only; refused unless every episode's stored M equals it. ``decode`` (datasets only):
     'upfront' decodes every frame's images now (one sequential pass per video); 'lazy' leaves them in the videos
-    (``images`` is a :class:`recap_ros.recap.loader.DatasetImages`, decoded per batch while training)."""
+    (``images`` is a :class:`recap_ros.recap.loader.DatasetImages`, decoded per batch while training). A dataset's
+    views are decoded at their stored size and brought to ``image_size`` in mode ``resize`` (the model's
+    ``image_resize``; 'resize' stretches, as the value monitor does) by the runtime's own code
+    (:func:`recap_ros.recap.loader.decode_views`)."""
     source = Path(source)
     if decode not in ("upfront", "lazy"):
         raise ValueError(f"decode must be 'upfront' or 'lazy' (got {decode!r})")
+    if resize not in ("resize", "letterbox"):
+        raise ValueError(f"resize must be 'resize' or 'letterbox' (got {resize!r})")
     if source.suffix == ".npz":
         f = load_frames_npz(source)
         if f.images.shape[2] != image_size:
@@ -61,9 +67,9 @@ def load_frames(source: str | Path, image_size: int, chunk_len: int = 50, stride
     from tqdm import tqdm
 
     from recap_ros.dataset.reader import RecapDataset
-    from recap_ros.recap.loader import DatasetImages
+    from recap_ros.recap.loader import DatasetImages, decode_views
 
-    ds = RecapDataset(source, image_size=(image_size, image_size))
+    ds = RecapDataset(source)
     norm = [_normalisation(ds, ep) for ep in range(ds.num_episodes)]
     check_max_len(max_len, [m for m, _, _ in norm], source, range(ds.num_episodes), [t for _, _, t in norm])
     keys = [IMAGE_KEY.format(role=r) for r in ROLES]
@@ -92,15 +98,14 @@ def load_frames(source: str | Path, image_size: int, chunk_len: int = 50, stride
             episode_success=e["episode_success"].reshape(-1).astype(bool)[keep],
             max_len=np.full(n, M, np.int64), c_fail=np.full(n, c_fail))
         if decode == "upfront":
-            imgs = ds.images(ep, keys)
-            part["images"] = np.stack([imgs[k][keep] for k in keys], 1)
+            part["images"] = np.stack([decode_views(ds, ep, k, keep, image_size, resize) for k in keys], 1)
         for k, v in part.items():
             cols.setdefault(k, []).append(v)
     if not cols:
         raise ValueError(f"{source}: no frames")
     cols = {k: np.concatenate(v) for k, v in cols.items()}
     if decode == "lazy":
-        cols["images"] = DatasetImages(source, keys, image_size, cols["episode_index"], cols["frame_index"])
+        cols["images"] = DatasetImages(source, keys, image_size, cols["episode_index"], cols["frame_index"], resize)
     try:
         return Frames(prompts=prompts, **cols)
     except ValueError as err:  # e.g. returns normalised by another length than meta/episodes says

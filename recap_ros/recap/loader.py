@@ -22,15 +22,32 @@ from pathlib import Path
 
 import numpy as np
 
+from recap_ros import imaging
+
+
+def decode_views(ds, ep: int, key: str, ticks, size: int, resize: str) -> np.ndarray:
+    """(len(ticks), size, size, 3) uint8: frames ``ticks`` of one episode's video (``ds``: a RecapDataset that
+    decodes at the stored size), brought to the model's size by :func:`recap_ros.imaging.fit` in mode ``resize``:
+    the code the policy runtime, the remote client and the value monitor shape their views with, so the model
+    trains on the pixels it is served (the video decoder's own scaler interpolates differently, and always
+    stretches)."""
+    frames = ds.frames(ep, key, ticks)
+    if frames.shape[1:3] == (size, size):
+        return frames
+    return np.stack([imaging.fit(f, size, size, resize) for f in frames]) if len(frames) else \
+        np.empty((0, size, size, 3), np.uint8)
+
 
 class DatasetImages:
-    """Row i = frame ``tick[i]`` (0-based in its episode) of dataset episode ``episode[i]``, one view per key."""
+    """Row i = frame ``tick[i]`` (0-based in its episode) of dataset episode ``episode[i]``, one view per key,
+    shaped as :func:`decode_views` shapes it."""
 
     dtype = np.dtype(np.uint8)
     ndim = 5
 
-    def __init__(self, root: str | Path, keys: list[str], size: int, episode: np.ndarray, tick: np.ndarray):
-        self.root, self.keys, self.size = str(root), list(keys), int(size)
+    def __init__(self, root: str | Path, keys: list[str], size: int, episode: np.ndarray, tick: np.ndarray,
+                 resize: str = "resize"):
+        self.root, self.keys, self.size, self.resize = str(root), list(keys), int(size), resize
         self.episode = np.asarray(episode, np.int64).reshape(-1)
         self.tick = np.asarray(tick, np.int64).reshape(-1)
         if self.episode.shape != self.tick.shape:
@@ -51,8 +68,7 @@ class DatasetImages:
         if self._ds is None:
             from recap_ros.dataset.reader import RecapDataset
 
-            self._ds = RecapDataset(self.root, image_size=(self.size, self.size), cache_episodes=0,
-                                    keep_open=True)
+            self._ds = RecapDataset(self.root, cache_episodes=0, keep_open=True)
         return self._ds
 
     def decode(self, rows) -> np.ndarray:
@@ -63,7 +79,7 @@ class DatasetImages:
         for ep in np.unique(eps):
             sel = np.flatnonzero(eps == ep)
             for k, key in enumerate(self.keys):
-                out[sel, k] = ds.frames(int(ep), key, self.tick[rows[sel]])
+                out[sel, k] = decode_views(ds, int(ep), key, self.tick[rows[sel]], self.size, self.resize)
         return out
 
     def __getitem__(self, index):
@@ -73,7 +89,8 @@ class DatasetImages:
         if index.dtype == bool:
             if index.shape != (len(self),):
                 raise IndexError(f"boolean mask of shape {index.shape} for {len(self)} rows")
-            return DatasetImages(self.root, self.keys, self.size, self.episode[index], self.tick[index])
+            return DatasetImages(self.root, self.keys, self.size, self.episode[index], self.tick[index],
+                                 self.resize)
         if index.ndim == 0:
             return self.decode(index.reshape(1))[0]
         return self.decode(index)
