@@ -76,6 +76,20 @@ def alive(pid: int) -> bool:
         return False
 
 
+def describe(pids) -> str:
+    """'pid: command line' of each given process that is still alive, one per line (for failure messages)."""
+    lines = []
+    for pid in pids:
+        if alive(pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    command = f.read().replace(b"\0", b" ").decode(errors="replace")
+                lines.append(f"{pid}: {command[:200]}")
+            except FileNotFoundError:
+                pass
+    return "\n".join(lines)
+
+
 def descendants(pid: int) -> list[int]:
     """The pids of ``pid``'s children, their children, and so on."""
     out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import yaml
-from helpers import REPO, alive, descendants, wait_for
+from helpers import REPO, alive, descendants, describe, poll, wait_for
 
 from recap_ros import launch_graph, paths
 from recap_ros.nodes import STOP_SIGNALS, StopRequest, stop_signals_blocked
@@ -300,7 +300,9 @@ def test_runner_hang_up_or_death_leaves_no_node_behind(rclpy_context, station_fi
             proc.kill()
             log.close()
         rc = proc.wait(timeout=30)
-        wait_for(lambda: not [p for p in processes if alive(p)], 15, f"every node to stop ({how})")
+        stopped = poll(lambda: not [p for p in processes if alive(p)], 15)
+        assert stopped, (f"still running 15 s after the runner's {how}:\n{describe(processes)}\n"
+                         f"log:\n{log_path.read_text()[-3000:]}")
     finally:
         proc.kill()
         for p in processes:
