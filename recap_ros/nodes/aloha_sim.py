@@ -213,7 +213,8 @@ class AlohaSimNode(SimStationNode):
                 self._scene = (self.sim.task, self.sim.physics.data.qpos.copy())
                 expert_command = self._drive_expert()
                 if self.sim.status.done:
-                    self._end_episode(self.sim.status.reason == "success", self.sim.status.reason, self.sim.status.detail)
+                    status = self.sim.status
+                    self._end_episode(status.reason == "success", status.reason, status.detail)
                     expert_command = None
             msg = rosmsg.joint_state_msg(self.names, self._joints[0], rosmsg.now_ns(self), self._joints[1])
         self.joint_pub.publish(msg)
