@@ -10,7 +10,9 @@ or did not exit with code 0 when stopped, naming it.
 
 What it prints besides the nodes' logs: where the episode bags go (:func:`recap_ros.launch_graph.bag_dir`), one
 line per finished episode (number, outcome, duration, human-driven ticks, prompt, bag) and, at exit, a summary
-of the session (:mod:`recap_ros.recording.episodes`).
+of the session (:mod:`recap_ros.recording.episodes`). When the station records, the same lines, time-stamped, are
+appended to ``recap-station.log`` beside the bags, so what happened at the stop (a node killed after the grace
+period, exit codes, the session summary) is kept when the terminal that started the station has closed.
 """
 from __future__ import annotations
 
@@ -85,12 +87,33 @@ def _start_node(parent_pid: int) -> None:
     _die_with_parent(parent_pid)
 
 
+RUNNER_LOG = "recap-station.log"  # beside the episode bags
+_log_file = None  # the open RUNNER_LOG while a recording station runs
+
+
 def _say(text: str, err: bool = False) -> None:
-    """Print a runner message; a terminal that hung up (SIGHUP) must not stop the runner from stopping nodes."""
+    """Print a runner message (and append it to the runner's log file); a terminal that hung up (SIGHUP) must
+    not stop the runner from stopping nodes."""
     try:
         print(text, file=sys.stderr if err else sys.stdout, flush=True)
     except OSError:
         pass
+    if _log_file is not None:
+        try:
+            _log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+            _log_file.flush()
+        except OSError:
+            pass
+
+
+def _open_log(bags: Path):
+    """RUNNER_LOG in ``bags`` (created if missing), appended to; None, having said why, when it cannot be."""
+    try:
+        bags.mkdir(parents=True, exist_ok=True)
+        return open(bags / RUNNER_LOG, "a", encoding="utf-8")
+    except OSError as e:
+        _say(f"[recap-station] not keeping a log file in {bags}: {e}", err=True)
+        return None
 
 
 class Station:
@@ -190,15 +213,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{s.name}: {s.executable} {' '.join(s.ros_args())} {s.parameters}")
         return 0
 
+    global _log_file
     stop = StopRequest()
     stop.install()
+    recording = any(s.name == "episode_recorder" for s in specs)
+    _log_file = _open_log(bags) if recording else None
+    try:
+        return _run(station, specs, bags, args, stop, recording)
+    finally:
+        if _log_file is not None:
+            _log_file.close()
+            _log_file = None
+
+
+def _run(station, specs, bags: Path, args, stop: StopRequest, recording: bool) -> int:
     with tempfile.TemporaryDirectory(prefix="recap-station-") as tmp:
         runner = Station(specs, Path(tmp), args.grace, args.log_level)
         _say(f"[recap-station] station '{station.name}' from {station.file}: {len(specs)} nodes")
-        recording = any(s.name == "episode_recorder" for s in specs)
         watcher = EpisodeWatcher(bags, station.name) if recording else None
         if recording:
             _say(f"[recap-station] episode bags go to {bags}")
+            if _log_file is not None:
+                _say(f"[recap-station] this runner's messages are also kept in {bags / RUNNER_LOG}")
         rc = 0
         try:
             runner.start()

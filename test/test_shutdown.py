@@ -17,7 +17,7 @@ from helpers import REPO, alive, descendants, describe, poll, wait_for
 
 from recap_ros import launch_graph, paths
 from recap_ros.nodes import STOP_SIGNALS, StopRequest, stop_signals_blocked
-from recap_ros.runner import _die_with_parent, node_env
+from recap_ros.runner import RUNNER_LOG, _die_with_parent, node_env
 from recap_ros.station import load_station
 
 
@@ -165,7 +165,7 @@ def _check_bags(bags):
 
     from recap_ros.recording.bag import read_metadata
 
-    dirs = sorted(bags.iterdir())
+    dirs = sorted(d for d in bags.iterdir() if d.is_dir())  # recap-station.log sits beside them
     assert len(dirs) == 1, {d.name: read_metadata(d)["rosbag2_bagfile_information"]["custom_data"] for d in dirs}
     bag = dirs[0]
     with Reader(bag) as r:
@@ -308,7 +308,11 @@ def test_runner_hang_up_or_death_leaves_no_node_behind(rclpy_context, station_fi
         for p in processes:
             if alive(p):
                 os.kill(p, signal.SIGKILL)
-    assert rc == (0 if how == "terminal closed" else -signal.SIGKILL), text[-3000:]
+    runner_log = tmp_path / "bags" / RUNNER_LOG
+    kept = runner_log.read_text() if runner_log.is_file() else "(no runner log)"
+    assert rc == (0 if how == "terminal closed" else -signal.SIGKILL), text[-3000:] + "\nrunner log:\n" + kept
+    if how == "terminal closed":  # what the runner said after the hang-up is kept beside the bags
+        assert "stopped (SIGHUP)" in kept and "1 episode" in kept, kept
     if how == "SIGKILL":
         text = log_path.read_text()
         assert "Traceback" not in text and "Failed to publish" not in text, text[-3000:]
