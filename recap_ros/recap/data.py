@@ -155,9 +155,12 @@ def episode_frames(images: np.ndarray, ticks: np.ndarray, state: np.ndarray, act
                   goal=None if goal is None else np.tile(np.asarray(goal, np.float32).ravel(), (n, 1)))
 
 
-def resize_views(views, size: int) -> np.ndarray:
-    """List of HxWx3 RGB views -> (n_cams, size, size, 3) uint8 (stretch resize, as the policy does)."""
-    return np.stack([imaging.fit(np.asarray(v, np.uint8), size, size, "resize") for v in views])
+def resize_views(views, size: int, mode: str = "resize") -> np.ndarray:
+    """HxWx3 RGB views -> (len(views), size, size, 3) uint8, shaped by :func:`recap_ros.imaging.fit` in ``mode``
+    (default: the stretch resize of the sim policies and the value monitor)."""
+    if not len(views):
+        return np.empty((0, size, size, 3), np.uint8)
+    return np.stack([imaging.fit(np.asarray(v, np.uint8), size, size, mode) for v in views])
 
 
 def save_frames(frames: Frames, path) -> None:

@@ -22,20 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-from recap_ros import imaging
+from recap_ros.recap.data import resize_views
 
 
 def decode_views(ds, ep: int, key: str, ticks, size: int, resize: str) -> np.ndarray:
     """(len(ticks), size, size, 3) uint8: frames ``ticks`` of one episode's video (``ds``: a RecapDataset that
-    decodes at the stored size), brought to the model's size by :func:`recap_ros.imaging.fit` in mode ``resize``:
-    the code the policy runtime, the remote client and the value monitor shape their views with, so the model
-    trains on the pixels it is served (the video decoder's own scaler interpolates differently, and always
-    stretches)."""
+    decodes at the stored size), brought to the model's size by :func:`recap_ros.recap.data.resize_views` in mode
+    ``resize``, i.e. :func:`recap_ros.imaging.fit`: the code the policy runtime, the remote client and the value
+    monitor shape their views with, so the model trains on the pixels it is served (the video decoder's own scaler
+    interpolates differently, and always stretches)."""
     frames = ds.frames(ep, key, ticks)
-    if frames.shape[1:3] == (size, size):
-        return frames
-    return np.stack([imaging.fit(f, size, size, resize) for f in frames]) if len(frames) else \
-        np.empty((0, size, size, 3), np.uint8)
+    return frames if frames.shape[1:3] == (size, size) else resize_views(frames, size, resize)
 
 
 class DatasetImages:
